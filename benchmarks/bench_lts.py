@@ -1,0 +1,141 @@
+"""Backward time of a quantized ResNet-20 with LTS-frozen output channels vs the counted saving.
+
+For each frozen fraction p of output channels (per conv/linear layer; the channels are picked
+at random), the weight-gradient GEMM runs only for the unfrozen channels via
+``layer.backward.dw_channels`` — exactly what LTS sets when whole channels are frozen. We time
+``loss.backward()`` and, separately, the weight-gradient GEMMs alone (on inputs/output
+gradients captured from one step), and compare the measured time saving with the counted
+one (METHODS.md §7, LTS convention: sum rho*MACs / sum 2*MACs) and with the backward FLOPs
+that ``torch.utils.flop_counter.FlopCounterMode`` sees. Configurations are timed round-robin
+and the minimum over --reps is kept, so load from other processes on a shared machine biases
+them alike. The frozen share of the dW GEMMs bounds the whole-backward saving: the LSQ
+elementwise backward (straight-through masks, step-size gradients), BN and dX are untouched.
+
+    python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from qsearch.cost import count_macs
+from qsearch.models import build_model
+from qsearch.quant import Precision, convert
+from qsearch.quant.functional import _conv_weight_grad
+
+
+def build(batch: int):
+    model = build_model("resnet20", 10, 3)
+    macs = count_macs(model, (3, 32, 32))
+    qlayers = convert(model, Precision(w_bits=4, a_bits=4))
+    model.train()
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+    model(x)  # initialise the activation step sizes
+    return model, qlayers, macs, x, y
+
+
+def set_frozen(qlayers, frac: float, seed: int = 0) -> dict[str, float]:
+    """Freeze ``frac`` of each layer's output channels; returns rho per layer."""
+    g = torch.Generator().manual_seed(seed)
+    rho = {}
+    for name, q in qlayers.items():
+        c = q.weight.shape[0]
+        n_frozen = int(round(frac * c))
+        if n_frozen == 0:
+            q.backward.dw_channels = None
+        else:
+            keep = torch.randperm(c, generator=g)[n_frozen:]
+            q.backward.dw_channels = keep.sort().values
+        rho[name] = n_frozen / c
+    return rho
+
+
+def time_backward(model, x, y) -> float:
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    t0 = time.perf_counter()
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def capture_dw_inputs(model, qlayers, x, y) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(quantized input, output gradient) of every layer from one step."""
+    got: dict[str, list] = {}
+    hooks = []
+    for name, q in qlayers.items():
+        def fwd(mod, inp, out, name=name):
+            got[name] = [mod.a_quant(inp[0]).detach()]
+            out.register_hook(lambda g, name=name: got[name].append(g.detach()))
+        hooks.append(q.register_forward_hook(fwd))
+    F.cross_entropy(model(x), y).backward()
+    for h in hooks:
+        h.remove()
+    return {n: (v[0], v[1]) for n, v in got.items()}
+
+
+def time_dw(qlayers, captured) -> float:
+    """Time of all layers' weight-gradient GEMMs, honouring ``dw_channels``."""
+    t0 = time.perf_counter()
+    for name, q in qlayers.items():
+        xi, g = captured[name]
+        ch = q.backward.dw_channels
+        if isinstance(q, torch.nn.Conv2d):
+            _conv_weight_grad(xi, q.weight, g, q.stride, q.padding, q.dilation, q.groups, ch)
+        elif ch is None:
+            g.t() @ xi
+        else:
+            g.index_select(1, ch).t() @ xi
+    return time.perf_counter() - t0
+
+
+def backward_flops(model, x, y) -> int:
+    loss = F.cross_entropy(model(x), y)
+    with FlopCounterMode(display=False) as fc:
+        loss.backward()
+    return fc.get_total_flops()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, qlayers, macs, x, y = build(args.batch)
+    total_macs = sum(macs.values())
+
+    captured = capture_dw_inputs(model, qlayers, x, y)
+    fracs = (0.0, 0.5, 0.9)
+    bwd: dict[float, list[float]] = {f: [] for f in fracs}
+    dw: dict[float, list[float]] = {f: [] for f in fracs}
+    for _ in range(args.reps + 1):  # round-robin; the first round warms up
+        for frac in fracs:
+            set_frozen(qlayers, frac)
+            bwd[frac].append(time_backward(model, x, y))
+            dw[frac].append(time_dw(qlayers, captured))
+    print(f"resnet20 W4A4 (first/last 8-bit), batch {args.batch}, {args.threads} CPU threads, "
+          f"min of {args.reps} round-robin reps")
+    print(f"{'frozen':>7} {'bwd ms':>8} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "
+          f"{'counted':>8} {'FLOPs saved':>12}")
+    base_f = None
+    for frac in fracs:
+        rho = set_frozen(qlayers, frac)
+        f = backward_flops(model, x, y)
+        base_f = base_f or f
+        counted = sum(rho[n] * m for n, m in macs.items()) / (2 * total_macs)
+        t, td = min(bwd[frac][1:]), min(dw[frac][1:])
+        t0, td0 = min(bwd[0.0][1:]), min(dw[0.0][1:])
+        print(f"{frac:>7.0%} {1e3 * t:>8.1f} {1 - t / t0:>10.3f} {1e3 * td:>7.1f} "
+              f"{1 - td / td0:>9.3f} {counted:>8.3f} {1 - f / base_f:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()

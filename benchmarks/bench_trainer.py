@@ -1,0 +1,161 @@
+"""Training-step cost of qsearch's LSQ QAT against FP32, torch.ao QAT and Brevitas.
+
+One process, one ResNet-20 (CIFAR, batch 128, 3x32x32 synthetic data), one SGD step =
+zero_grad + forward + cross-entropy + backward + step. Variants:
+
+- fp32: the float model;
+- qsearch: W4A4 LSQ via ``qsearch.quant.convert`` (first/last layer 8-bit), the trainer's path;
+- torch.ao: ``prepare_qat_fx`` with the default x86 QAT qconfig (8-bit fake-quant observers);
+- brevitas: QuantConv2d/QuantLinear at W4A4 (first/last 8-bit), when brevitas is importable.
+
+Variants are timed in interleaved rounds (each round times every variant for ``--steps``
+steps), so a noisy, shared machine slows them alike; the per-step median over rounds is
+reported with its ratio to FP32. The goal for qsearch is <= 1.3x FP32.
+
+    python benchmarks/bench_trainer.py [--rounds 5 --steps 5 --batch 128 --threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qsearch.models import build_model
+from qsearch.quant import Precision, convert
+
+Step = Callable[[], None]
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def fp32_model() -> nn.Module:
+    torch.manual_seed(0)
+    return build_model("resnet20", 10, 3)
+
+
+def qsearch_model() -> nn.Module:
+    model = fp32_model()
+    convert(model, Precision(w_bits=4, a_bits=4, first_bits=8, last_bits=8))
+    return model
+
+
+def torch_ao_model(example: torch.Tensor) -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fp32_model().train()
+        return prepare_qat_fx(model, get_default_qat_qconfig_mapping("x86"), (example[:2],))
+
+
+def brevitas_model() -> nn.Module | None:
+    """ResNet-20 with every conv/linear swapped for Brevitas' QuantConv2d/QuantLinear."""
+    try:
+        import brevitas.nn as qnn
+        from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
+    except ImportError:
+        return None
+    model = fp32_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for i, name in enumerate(names):
+        m = model.get_submodule(name)
+        bits = 8 if i in (0, len(names) - 1) else 4
+        common = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=bits,
+                      input_quant=Int8ActPerTensorFloat, input_bit_width=bits,
+                      bias=m.bias is not None)
+        if isinstance(m, nn.Conv2d):
+            q = qnn.QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                                m.padding, groups=m.groups, **common)
+        else:
+            q = qnn.QuantLinear(m.in_features, m.out_features, **common)
+        q.load_state_dict(m.state_dict(), strict=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    return model
+
+
+def time_steps(step: Step, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--only", default=None, help="comma-separated subset of variants")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+
+    builders: dict[str, Callable[[], nn.Module | None]] = {
+        "fp32": fp32_model,
+        "qsearch": qsearch_model,
+        "torch.ao": lambda: torch_ao_model(x),
+        "brevitas": brevitas_model,
+    }
+    wanted = set(args.only.split(",")) | {"fp32"} if args.only else set(builders)
+    steps: dict[str, Step] = {}
+    for name, build in builders.items():
+        if name not in wanted:
+            continue
+        try:
+            model = build()
+        except Exception as e:  # noqa: BLE001 - a broken third-party stack is reported, not fatal
+            print(f"{name:>9}: skipped ({type(e).__name__}: {e})")
+            continue
+        if model is None:
+            print(f"{name:>9}: skipped (not importable)")
+            continue
+        steps[name] = make_step(model, x, y)
+        time_steps(steps[name], args.warmup)  # first-batch init, allocator warm-up
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(time_steps(step, args.steps))
+
+    print(f"resnet20, batch {args.batch}, {torch.get_num_threads()} threads, torch "
+          f"{torch.__version__}; median of {args.rounds} rounds x {args.steps} steps")
+    base = statistics.median(times["fp32"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:>9}: {med * 1e3:8.1f} ms/step   x{med / base:5.2f} FP32   "
+              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
+    if "qsearch" in times:
+        ratio = statistics.median(times["qsearch"]) / base
+        print(f"qsearch/FP32 = {ratio:.2f} (goal <= 1.30: {'met' if ratio <= 1.3 else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""A study: Pareto front (2-D and 3-D), hypervolume history, parallel coordinates of the
+searched params, and the table of Pareto trials. Clicking a point opens its trial."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
+
+from dashboards import components as c
+from dashboards import data, figures
+from dashboards.readonly import Source
+
+REFRESH_MS = 5000
+TABLE_COLUMNS = ["trial", "accuracy", "size (MB)", "backward cost", "forward BOPs", "params",
+                 "note"]
+
+
+def _params_text(params: dict[str, Any] | None) -> str:
+    return "  ".join(f"{k}={c.fmt(v, 3)}" for k, v in (params or {}).items())
+
+
+def header(view: data.StudyView) -> list[Any]:
+    n = view.counts
+    rec = view.record
+    best = {}
+    for t in view.complete():
+        for o, d in zip(rec.objectives, rec.directions):
+            v = t.get(o)
+            if v is not None and (o not in best or (v > best[o] if d == "maximize" else v < best[o])):
+                best[o] = v
+    hv = view.snapshot.get("hypervolume") if view.snapshot else None
+    stats = [c.stat("finished", n.get("COMPLETE", 0)), c.stat("running", n.get("RUNNING", 0)),
+             c.stat("pruned", n.get("PRUNED", 0)), c.stat("failed", n.get("FAIL", 0)),
+             c.stat("Pareto trials", len(view.front)), c.stat("hypervolume", hv)]
+    stats += [c.stat(f"best {data.OBJECTIVE_LABELS.get(o, o)}", best.get(o))
+              for o in rec.objectives]
+    return [html.Div([html.H2(view.name), c.badge(rec.status),
+                      c.live_note(view.running, REFRESH_MS)], className="page-title"),
+            html.Div(stats, className="stats")]
+
+
+def pareto_table(view: data.StudyView) -> Any:
+    by_number = {t["number"]: t for t in view.trials}
+    rows = []
+    for p in sorted(view.front, key=lambda p: (-(p["accuracy"] or 0), p["size_mb"] or 0)):
+        t = by_number.get(p["trial_number"], {})
+        note = ", ".join(x for x in ("knee" if p["is_knee"] else "",
+                                     f"baseline {t['baseline']}" if t.get("baseline") else "")
+                         if x)
+        rows.append([dcc.Link(f"#{p['trial_number']}", href=c.trial_href(view.name,
+                                                                         p["trial_number"])),
+                     p["accuracy"], p["size_mb"], p["backward_cost"], t.get("bops"),
+                     html.Span(_params_text(t.get("params")), className="mono small"), note])
+    if not rows:
+        return html.P("No completed trial yet.", className="muted")
+    return c.table(TABLE_COLUMNS, rows, table_id="pareto-table-rows", numeric=(1, 2, 3, 4))
+
+
+def _figures(view: data.StudyView) -> tuple[Any, Any, Any]:
+    f2 = figures.pareto_2d(view.trials, view.front)
+    f3 = figures.pareto_3d(view.trials, view.front)
+    hv = figures.hypervolume_history(view.snapshots)
+    for f in (f2, f3, hv):
+        f.update_layout(uirevision=view.name)  # keep zoom/camera across live refreshes
+    return f2, f3, hv
+
+
+def parcoords_figure(src: Source, name: str, objective: str | None) -> Any:
+    view = data.study_view(src, name)
+    rec = view.record
+    objective = objective if objective in rec.objectives else rec.objectives[0]
+    direction = rec.directions[rec.objectives.index(objective)]
+    fig = figures.parallel_coordinates(view.trials, objective, direction, rec.objectives)
+    fig.update_layout(uirevision=f"{name}/{objective}")
+    return fig
+
+
+def layout(src: Source, name: str) -> html.Div:
+    view = data.study_view(src, name)
+    f2, f3, hv = _figures(view)
+    objectives = view.record.objectives
+    return html.Div([
+        c.breadcrumbs(("Studies", "/"), (view.name, None)),
+        dcc.Store(id="study-name", data=view.name),
+        html.Div(header(view), id="study-header"),
+        html.Div([c.card(None, c.graph("pareto-2d", f2),
+                         html.P("Click a point to open its trial. Faded: dominated trials; "
+                                "outlined: the stored Pareto front; ◇: uniform-precision "
+                                "baselines; ☆: knee.", className="muted small")),
+                  c.card(None, c.graph("pareto-3d", f3))], className="grid-2"),
+        html.Div([c.card(None, c.graph("hv-history", hv)),
+                  c.card(None, html.Div([
+                      html.Span("colour by ", className="muted small"),
+                      dcc.Dropdown(id="parcoords-objective", options=objectives,
+                                   value=objectives[0], clearable=False,
+                                   className="inline-dropdown")], className="card-tools"),
+                      dcc.Loading(c.graph("parcoords", figures.empty("loading…")),
+                                  type="dot"))], className="grid-2"),
+        c.card("Pareto trials", html.Div(pareto_table(view), id="pareto-table")),
+        dcc.Interval(id="study-refresh", interval=REFRESH_MS, disabled=not view.running),
+    ], className="page")
+
+
+def register(app: Dash, source: Callable[[], Source]) -> None:
+    @app.callback(Output("study-header", "children"), Output("pareto-2d", "figure"),
+                  Output("pareto-3d", "figure"), Output("hv-history", "figure"),
+                  Output("pareto-table", "children"), Output("study-refresh", "disabled"),
+                  Input("study-refresh", "n_intervals"), State("study-name", "data"),
+                  prevent_initial_call=True)
+    def refresh(_n: int | None, name: str) -> tuple[Any, ...]:
+        view = data.study_view(source(), name)
+        f2, f3, hv = _figures(view)
+        return header(view), f2, f3, hv, pareto_table(view), not view.running
+
+    @app.callback(Output("parcoords", "figure"), Input("study-name", "data"),
+                  Input("parcoords-objective", "value"), Input("study-refresh", "n_intervals"))
+    def parcoords(name: str, objective: str | None, _n: int | None) -> Any:
+        return parcoords_figure(source(), name, objective)
+
+    @app.callback(Output("url", "pathname"), Input("pareto-2d", "clickData"),
+                  Input("pareto-3d", "clickData"), State("study-name", "data"),
+                  prevent_initial_call=True)
+    def open_trial(click2: dict | None, click3: dict | None, name: str) -> Any:
+        click = click2 if ctx.triggered_id == "pareto-2d" else click3
+        points = (click or {}).get("points") or []
+        custom = points[0].get("customdata") if points else None
+        if not custom:
+            return no_update
+        return c.trial_href(name, int(custom[0]))

@@ -1,0 +1,115 @@
+"""One trial: per-layer bit-widths and frozen fractions, per-epoch curves, the full config,
+and a button that downloads the export JSON (built by :func:`qsearch.export.export_trial`)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dash import Dash, Input, Output, State, dcc, html
+
+from dashboards import components as c
+from dashboards import data, figures
+from dashboards.readonly import Source
+from qsearch.errors import QsearchError
+
+REFRESH_MS = 5000
+
+
+def header(view: data.TrialView) -> list[Any]:
+    t = view.trial
+    tags = []
+    if view.on_front:
+        tags.append(html.Span("Pareto", className="tag tag-front"))
+    if view.is_knee:
+        tags.append(html.Span("knee", className="tag tag-knee"))
+    label = data.baseline_label(t.get("config"))
+    if label:
+        tags.append(html.Span(f"baseline {label}", className="tag"))
+    running = view.running or view.record.status == "running"
+    stats = [c.stat("accuracy", t.get("accuracy")), c.stat("size (MB)", t.get("size_mb")),
+             c.stat("backward cost", t.get("backward_cost")), c.stat("forward BOPs", t.get("bops")),
+             c.stat("epochs", f"{t.get('epochs_completed') or 0} / {t.get('max_epochs') or '?'}"),
+             c.stat("ended", t.get("detail") or "–"), c.stat("started", c.fmt(t.get("started_at"))),
+             c.stat("finished", c.fmt(t.get("finished_at")))]
+    out: list[Any] = [
+        html.Div([html.H2(f"Trial #{t['number']}"), c.badge(t["state"]), *tags,
+                  c.live_note(running, REFRESH_MS)], className="page-title"),
+        html.Div(stats, className="stats")]
+    if t.get("error"):
+        out.append(html.Pre(t["error"], className="error-box"))
+    return out
+
+
+def _config_text(view: data.TrialView) -> str:
+    t = view.trial
+    doc = {"params": t.get("params"), "config": t.get("config")}
+    return json.dumps(doc, indent=2, sort_keys=False, default=str)
+
+
+def _parts(view: data.TrialView) -> tuple[Any, ...]:
+    return (header(view), figures.layer_bits(view.layers), figures.frozen_fractions(view.layers),
+            figures.epoch_curves(view.epochs), _config_text(view))
+
+
+def layout(src: Source, name: str, number: int) -> html.Div:
+    view = data.trial_view(src, name, number)
+    head, bits, frozen, curves, config = _parts(view)
+    complete = view.trial["state"] == "COMPLETE"
+    return html.Div([
+        c.breadcrumbs(("Studies", "/"), (name, c.study_href(name)), (f"trial #{number}", None)),
+        dcc.Store(id="trial-key", data={"study": name, "number": number}),
+        html.Div(head, id="trial-header"),
+        html.Div([c.card(None, c.graph("layer-bits", bits)),
+                  c.card(None, c.graph("layer-frozen", frozen))], className="grid-2"),
+        c.card(None, c.graph("epoch-curves", curves)),
+        c.card("Configuration", html.Div([
+            html.Button("Download export JSON", id="export-button", className="button",
+                        disabled=not complete,
+                        title="qsearch export of this trial (config, per-layer precision, "
+                              "objectives)" if complete else "only COMPLETE trials export"),
+            html.Span(id="export-message", className="muted small")], className="card-tools"),
+            dcc.Download(id="export-download"),
+            html.Pre(config, id="trial-config", className="config")),
+        dcc.Interval(id="trial-refresh", interval=REFRESH_MS,
+                     disabled=not (view.running or view.record.status == "running")),
+    ], className="page")
+
+
+def export_json(src: Source, name: str, number: int) -> tuple[str, str]:
+    """(file name, JSON text) of the trial's export document. The export module copies the
+    weights beside the JSON; that copy goes to a temporary folder and is discarded."""
+    from qsearch.export import export_trial
+
+    with tempfile.TemporaryDirectory(prefix="qsearch-dash-export-") as tmp:
+        out = Path(tmp) / f"{name}-trial-{number}.json"
+        doc = export_trial(src.store, name, number, out)
+    doc["provenance"]["storage"] = src.masked_url  # the user's URL, not the read-only one
+    doc["weights"]["note"] = ("weights are not part of this download; run `qsearch export` to "
+                              "write them beside the JSON")
+    return out.name, json.dumps(doc, indent=2)
+
+
+def register(app: Dash, source: Callable[[], Source]) -> None:
+    @app.callback(Output("trial-header", "children"), Output("layer-bits", "figure"),
+                  Output("layer-frozen", "figure"), Output("epoch-curves", "figure"),
+                  Output("trial-config", "children"), Output("trial-refresh", "disabled"),
+                  Input("trial-refresh", "n_intervals"), State("trial-key", "data"),
+                  prevent_initial_call=True)
+    def refresh(_n: int | None, key: dict) -> tuple[Any, ...]:
+        view = data.trial_view(source(), key["study"], int(key["number"]))
+        running = view.running or view.record.status == "running"
+        return (*_parts(view), not running)
+
+    @app.callback(Output("export-download", "data"), Output("export-message", "children"),
+                  Input("export-button", "n_clicks"), State("trial-key", "data"),
+                  prevent_initial_call=True)
+    def export(_clicks: int | None, key: dict) -> tuple[Any, str]:
+        try:
+            filename, text = export_json(source(), key["study"], int(key["number"]))
+        except QsearchError as e:
+            return None, f"cannot export: {e}"
+        return dcc.send_string(text, filename), f"exported {filename}"

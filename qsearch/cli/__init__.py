@@ -1,0 +1,70 @@
+"""The ``qsearch`` command line (typer + rich).
+
+Every command module registers itself on :data:`app`. ``main`` runs the app so that a
+:class:`~qsearch.errors.QsearchError` or a usage error prints one clear line and exits with
+code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+try:  # typer >= 0.16 vendors click; catch both flavours of its exceptions
+    from typer._click import exceptions as _tx
+except ImportError:  # pragma: no cover
+    _tx = click.exceptions
+_UsageError = (click.exceptions.UsageError, _tx.UsageError)
+_Abort = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
+_Exit = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
+from rich.console import Console
+
+from qsearch.errors import QsearchError
+
+app = typer.Typer(
+    name="qsearch",
+    help="Hyperparameter and mixed-precision search for quantization-aware training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, never wrapped
+
+
+def _register_commands() -> None:
+    import importlib
+    import pkgutil
+
+    import qsearch.cli as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if mod.name.endswith("_cmd"):
+            importlib.import_module(f"qsearch.cli.{mod.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_commands()
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=argv, prog_name="qsearch", standalone_mode=False)
+    except QsearchError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    except _UsageError as e:
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False)
+        if e.ctx is not None:
+            err_console.print(f"Try '{e.ctx.command_path} --help'.", highlight=False)
+        return 2
+    except _Abort:
+        err_console.print("aborted")
+        return 130
+    except _Exit as e:
+        return e.exit_code
+    return rv if isinstance(rv, int) else 0
+
+
+def entry() -> None:
+    sys.exit(main())

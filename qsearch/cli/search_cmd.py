@@ -1,0 +1,189 @@
+"""``qsearch launch | studies | status | pareto | export | eval``: the search service CLI.
+
+Commands that read a study take ``--storage URL`` (default: ``$QSEARCH_STORAGE`` or the
+SQLite file ``qsearch.db`` in the working directory). Every user error is a QsearchError,
+which :func:`qsearch.cli.main` prints as one line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from qsearch.cli import app, console
+from qsearch.errors import ConfigError
+
+StorageOpt = Annotated[Optional[str], typer.Option(
+    "--storage", help="database URL (default $QSEARCH_STORAGE or sqlite:///qsearch.db)")]
+
+
+def _store(url: str | None, create: bool = False) -> Any:
+    from qsearch.store import Store
+    from qsearch.study import DEFAULT_STORAGE
+
+    return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+@app.command()
+def launch(
+    spec: Annotated[str, typer.Argument(help="study spec YAML")],
+    storage: StorageOpt = None,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a private local Ray)")] = None,
+    name: Annotated[Optional[str], typer.Option(help="study name (overrides the spec)")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs for the local Ray (default: all)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no live table; print one summary line")] = False,
+) -> None:
+    """Run or resume a study until its trial budget is used up."""
+    from qsearch.search import launch as run_launch
+    from qsearch.study import load_study_spec
+
+    study = load_study_spec(spec, storage=storage or os.environ.get("QSEARCH_STORAGE"), name=name)
+    r = run_launch(study, ray_address=ray_address, num_cpus=num_cpus, display=not quiet,
+                   console=console)
+    console.print(f"study {r.study}: {r.status}; {r.counted} trials counted "
+                  f"({r.complete} complete, {r.pruned} pruned, {r.failed} failed, "
+                  f"{r.lost} lost) in {r.wall_s:.1f} s", highlight=False)
+
+
+@app.command()
+def studies(storage: StorageOpt = None,
+            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """List the studies in a database."""
+    from qsearch.store import queries
+
+    store = _store(storage)
+    rows = queries.list_studies(store) if store.has_schema() else []
+    if as_json:
+        print(json.dumps(rows, default=str, indent=2))
+        return
+    t = Table(title=f"studies in {store.masked_url}")
+    for c in ("name", "status", "trials", "complete", "pruned", "fail", "running", "driver", "created"):
+        t.add_column(c)
+    for r in rows:
+        c = r["trials"]
+        driver = f"{r['lease_host']}:{r['lease_pid']}" if r["lease_host"] else ""
+        t.add_row(r["name"], r["status"], str(r["n_trials"]), str(c["COMPLETE"]), str(c["PRUNED"]),
+                  str(c["FAIL"]), str(c["RUNNING"]), driver, str(r["created_at"])[:19])
+    console.print(t)
+
+
+@app.command()
+def status(study: Annotated[str, typer.Argument(help="study name")], storage: StorageOpt = None) -> None:
+    """Trials of one study with their state and objective values."""
+    from qsearch.store import queries
+
+    store = _store(storage)
+    rec = queries.require_study(store, study)
+    snap, front = queries.pareto_front(store, study)
+    on_front = {p["trial_number"] for p in front}
+    t = Table(title=f"study {study} ({rec.status})")
+    for c in ("#", "state", "epochs", "accuracy", "size_mb", "backward_cost", "front", "detail / params"):
+        t.add_column(c)
+    for r in queries.trials(store, study):
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in (r["params"] or {}).items())
+        t.add_row(str(r["number"]), r["state"], f"{r['epochs_completed']}/{r['max_epochs'] or ''}",
+                  _fmt(r["accuracy"]), _fmt(r["size_mb"]), _fmt(r["backward_cost"]),
+                  "*" if r["number"] in on_front else "",
+                  (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:80])
+    console.print(t)
+    if snap:
+        console.print(f"Pareto front: {len(front)} trials, hypervolume {snap['hypervolume']:.6g} "
+                      f"(reference {snap['reference_point']})", highlight=False)
+
+
+@app.command()
+def pareto(
+    study: Annotated[str, typer.Argument(help="study name")],
+    storage: StorageOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
+    snapshot: Annotated[Optional[int], typer.Option(help="snapshot number (default: latest)")] = None,
+) -> None:
+    """The study's stored Pareto front."""
+    from qsearch.store import queries
+
+    if fmt not in ("table", "json", "csv"):
+        raise ConfigError("--format", f"unknown format {fmt!r}; choose table, json or csv")
+    store = _store(storage)
+    rec = queries.require_study(store, study)
+    snap, points = queries.pareto_front(store, study, snapshot)
+    cols = ["trial_number", *rec.objectives, "is_knee"]
+    rows = [{c: p[c] for c in cols} for p in points]
+    if fmt == "json":
+        print(json.dumps({"study": study, "snapshot": snap and snap["snapshot"],
+                          "hypervolume": snap and snap["hypervolume"],
+                          "reference_point": snap and snap["reference_point"],
+                          "points": rows}, indent=2))
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        print(buf.getvalue(), end="")
+    else:
+        t = Table(title=f"Pareto front of {study}" + (f" (snapshot {snap['snapshot']}, hypervolume "
+                                                     f"{snap['hypervolume']:.6g})" if snap else ""))
+        for c in cols:
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(*(("knee" if r[c] else "") if c == "is_knee" else _fmt(r[c]) for c in cols))
+        console.print(t)
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Argument(help="study name")],
+    output: Annotated[str, typer.Option("--output", "-o", help="export file (.json or .yaml)")],
+    storage: StorageOpt = None,
+    trial: Annotated[Optional[int], typer.Option(help="export this trial number")] = None,
+    rule: Annotated[Optional[str], typer.Option(help="max-accuracy | min-size | knee (default)")] = None,
+    max_size_mb: Annotated[Optional[float], typer.Option(help="only Pareto trials at most this size")] = None,
+    min_accuracy: Annotated[Optional[float], typer.Option(help="only Pareto trials at least this accurate")] = None,
+    max_backward_cost: Annotated[Optional[float], typer.Option(help="only Pareto trials at most this backward cost")] = None,
+) -> None:
+    """Export a trial's config, per-layer precision and weights."""
+    from qsearch.export import export_trial, select_trial
+
+    if trial is not None and rule is not None:
+        raise ConfigError("--trial", "give either --trial or --rule, not both")
+    store = _store(storage)
+    number = select_trial(store, study, trial=trial, rule=rule, max_size_mb=max_size_mb,
+                          min_accuracy=min_accuracy, max_backward_cost=max_backward_cost)
+    doc = export_trial(store, study, number, output)
+    o = doc["objectives"]
+    console.print(f"exported trial {number} of {study} to {output} (+ {doc['weights']['file']}): "
+                  f"accuracy {o['accuracy']:.4f}, size {o['size_mb']:.4g} MB, "
+                  f"backward cost {o['backward_cost']:.4g}", highlight=False)
+
+
+@app.command(name="eval")
+def eval_(
+    export_file: Annotated[str, typer.Argument(help="export JSON/YAML written by qsearch export")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Rebuild an exported model, re-measure accuracy and size, compare with the study."""
+    from qsearch.errors import CheckpointError
+    from qsearch.export import evaluate_export
+
+    r = evaluate_export(export_file)
+    if as_json:
+        print(json.dumps(r))
+    else:
+        console.print(f"accuracy {r['accuracy']:.6f} (stored {r['stored_accuracy']:.6f}), "
+                      f"size {r['size_mb']:.6g} MB (stored {r['stored_size_mb']:.6g}): "
+                      f"{'match' if r['match'] else 'MISMATCH'}", highlight=False)
+    if not r["match"]:
+        raise CheckpointError("re-measured accuracy/size differ from the stored values")

@@ -1,0 +1,85 @@
+"""``qsearch train``, ``qsearch models``, ``qsearch datasets``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qsearch.cli import app, console
+
+JSON_KEYS = ("accuracy", "size_mb", "bops", "backward_cost", "epochs", "wall_s")
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[str], typer.Argument(help="TrialConfig YAML/JSON file")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="override: key=value (dotted keys)")] = [],  # noqa: B006
+    checkpoint_dir: Annotated[Optional[str], typer.Option(help="checkpoint every epoch; resume if present")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print final metrics as one JSON line")] = False,
+) -> None:
+    """Train one trial configuration of the shared QAT trainer."""
+    from qsearch.spec import load_trial_config
+    from qsearch.train import train as run_train
+
+    cfg = load_trial_config(config, set_)
+    rows: list[dict] = []
+    with Progress(
+        TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        console=console, transient=as_json, disable=as_json and not console.is_terminal,
+    ) as progress:
+        task = progress.add_task(f"{cfg.model}/{cfg.dataset}", total=cfg.epochs, status="")
+
+        def report(m: dict) -> None:
+            rows.append(m)
+            progress.update(task, completed=m["epoch"],
+                            status=f"acc {m['accuracy']:.4f}  loss {m['train_loss']:.4f}")
+
+        result = run_train(cfg, report=report, checkpoint_dir=checkpoint_dir)
+
+    table = Table(title="per-epoch metrics")
+    for col in ("epoch", "train_loss", "accuracy", "size_mb", "backward_cost", "epoch_s"):
+        table.add_column(col, justify="right")
+    for m in result.history:
+        table.add_row(*(f"{m[c]:.4g}" if isinstance(m[c], float) else str(m[c])
+                        for c in ("epoch", "train_loss", "accuracy", "size_mb", "backward_cost", "epoch_s")))
+    if not as_json:
+        console.print(table)
+        console.print(f"final: accuracy={result.metrics['accuracy']:.4f} "
+                      f"size_mb={result.metrics['size_mb']:.4f} "
+                      f"backward_cost={result.metrics['backward_cost']:.4f}")
+    else:
+        final = {k: result.metrics[k] for k in JSON_KEYS}
+        final.update({k: v for k, v in result.metrics.items() if "." in k})
+        print(json.dumps(final))
+
+
+@app.command()
+def models() -> None:
+    """List the model registry."""
+    from qsearch.models import list_models, model_entry
+
+    table = Table(title="models")
+    for c in ("name", "input", "description"):
+        table.add_column(c)
+    for name in list_models():
+        e = model_entry(name)
+        table.add_row(name, e.input_hint, e.description)
+    console.print(table)
+
+
+@app.command()
+def datasets() -> None:
+    """List the dataset registry."""
+    from qsearch.data import dataset_entry, list_datasets
+
+    table = Table(title="datasets")
+    table.add_column("name")
+    table.add_column("description")
+    for name in list_datasets():
+        table.add_row(name, dataset_entry(name).description)
+    console.print(table)

@@ -1,0 +1,497 @@
+"""CSQ: learn per-layer bit-widths under a size budget, then train them (METHODS.md §5).
+
+A CSQ trial has two stages. Stage 1 (:meth:`CSQ.precision_stage`, the first
+``round(epochs_frac * epochs)`` epochs) swaps every searched conv/linear for a bit-plane layer
+(:mod:`qsearch.methods.csq_layers`) and trains planes, gates and the rest of the network with
+
+    loss = CE + lambda * (rho - b_target/n) * sum_l w_l sum_j sigmoid(beta * m_lj)
+
+``rho`` being the current (parameter-weighted) fraction of open gates: the sign of
+``rho - b_target/n`` flips the push on the gates as the model crosses the budget. The global
+temperature is ``beta = beta_final^(t/t_ticket)`` (``t`` in fractional epochs, so it grows every
+step); at the ticket (``ticket_frac`` of stage 1) the gates harden. Hardening reads the raw
+pattern ``1[m > 0]``, makes each layer's active planes contiguous (same count, window of
+highest gate logits; every change is reported), and — with ``enforce_budget`` — moves window
+ends, cheapest gate logits first, until the size is within ``budget_tol`` of the budget (the
+soft controller alone lands near the budget; the projection removes the last integer-plane
+error). The remaining stage-1 steps fine-tune with the hard pattern at ``beta_final``.
+
+The read-out (active planes per layer) is returned to the trainer, which runs stage 2: LSQ QAT
+at those bits, continuing from the stage-1 weights (``carry_weights``), with every other
+enabled method. First/last layers stay at ``first_bits``/``last_bits`` and layers with an
+explicit ``layers.<name>.w_bits`` rule keep it; ``search_edges`` searches the first/last
+layers too (useful when a low budget leaves only one layer to search).
+
+Budgets: ``target_bits`` is the parameter-weighted average weight bits of the searched layers
+(so a budget of b has exactly the size of uniform b-bit LSQ with the same first/last layers);
+``target_mb`` is the whole model's ``size_mb`` (§7), converted to the equivalent average.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from qsearch.cost import FP32_BITS, extra_param_count
+from qsearch.errors import ConfigError
+from qsearch.methods.base import Method, MethodConfig, register_method
+from qsearch.methods.csq_layers import (
+    BitConv2d,
+    BitLinear,
+    BitPlaneLayer,
+    contiguous_window,
+    is_contiguous,
+    window_pattern,
+)
+
+if TYPE_CHECKING:
+    from qsearch.spec import TrialConfig
+    from qsearch.train.context import TrainContext
+
+log = logging.getLogger(__name__)
+MIN_BITS = 2  # the smallest weight width a trial config accepts
+INTEGRAL_CAP = 100.0  # anti-windup bound of the budget loop's integral term
+
+
+class CSQConfig(MethodConfig):
+    """``methods.csq``: budget (average bits or MB), bit planes and the gate schedule."""
+
+    target_bits: float | None = Field(3.0, ge=1.0, le=8.0)
+    target_mb: float | None = Field(None, gt=0.0)
+    planes: int = 8
+    lam: float = Field(5e-3, gt=0.0, description="budget regularizer weight lambda")
+    beta_final: float = Field(200.0, gt=1.0)
+    ticket_frac: float = Field(0.9, gt=0.0, le=1.0)
+    epochs_frac: float = Field(0.5, gt=0.0, lt=1.0, description="share of epochs for stage 1")
+    size_aware: bool = True
+    integral_gain: float = Field(
+        0.5, ge=0.0, description="integral action of the budget loop per step (0 = reference)")
+    gate_lr: float = Field(0.05, gt=0.0, description="learning rate of the gate logits m")
+    bit_lr: float = Field(0.05, gt=0.0, description="learning rate of the bit logits P, N")
+    enforce_budget: bool = Field(True, description="project the hard pattern onto the budget")
+    budget_tol: float = Field(0.02, ge=0.0, lt=0.5, description="relative size tolerance")
+    search_edges: bool = Field(False, description="also search the first/last layers")
+    carry_weights: bool = Field(True, description="stage 2 starts from the stage-1 weights")
+
+    @field_validator("planes")
+    @classmethod
+    def _planes(cls, v: int) -> int:
+        if not 2 <= v <= 8:
+            raise ValueError("must be between 2 and 8 bit planes (usually 6 or 8)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> CSQConfig:
+        if self.target_mb is not None and self.target_bits is not None and self.enabled:
+            # target_mb given explicitly wins over the default target_bits.
+            object.__setattr__(self, "target_bits", None)
+        return self
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+@dataclass
+class Budget:
+    """Sizes of the searched and pinned layers, and the bit budget of the searched ones."""
+
+    numel: dict[str, int]  # searched layers, forward order
+    pinned_bits: int  # sum N_l * b_l of the layers CSQ does not search
+    extra_params: int  # FP32 extras (BN, biases, quantizer steps), METHODS.md §7
+    target_bits: float  # parameter-weighted average over the searched layers
+
+    @property
+    def total_numel(self) -> int:
+        return sum(self.numel.values())
+
+    @property
+    def budget_bits(self) -> float:
+        return self.target_bits * self.total_numel
+
+    def size_mb(self, bits: dict[str, int]) -> float:
+        searched = sum(self.numel[n] * bits[n] for n in self.numel)
+        return (searched + self.pinned_bits + FP32_BITS * self.extra_params) / 8 / 1e6
+
+    def budget_mb(self) -> float:
+        return (self.budget_bits + self.pinned_bits + FP32_BITS * self.extra_params) / 8 / 1e6
+
+    def avg_bits(self, bits: dict[str, int]) -> float:
+        return sum(self.numel[n] * bits[n] for n in self.numel) / max(1, self.total_numel)
+
+
+def make_budget(cfg: CSQConfig, numel: dict[str, int], pinned_bits: int, extra_params: int,
+                min_bits: int = MIN_BITS) -> Budget:
+    """Resolve ``target_bits``/``target_mb`` to an average over the searched layers."""
+    b = Budget(numel, pinned_bits, extra_params, 0.0)
+    if cfg.target_mb is not None:
+        fixed = pinned_bits + FP32_BITS * extra_params
+        target = (cfg.target_mb * 8e6 - fixed) / max(1, b.total_numel)
+        lo = Budget(numel, pinned_bits, extra_params, min_bits).budget_mb()
+        hi = Budget(numel, pinned_bits, extra_params, cfg.planes).budget_mb()
+        if not min_bits <= target <= cfg.planes:
+            raise ConfigError("methods.csq.target_mb",
+                              f"{cfg.target_mb} MB is out of reach for this model; with "
+                              f"{cfg.planes} planes the size can be {lo:.4g} to {hi:.4g} MB")
+        b.target_bits = target
+    else:
+        b.target_bits = float(cfg.target_bits if cfg.target_bits is not None else 3.0)
+    return b
+
+
+# ----------------------------------------------------------------------------- hardening
+
+
+@dataclass
+class Hardening:
+    """What drawing the ticket did: per-layer windows and every change it made."""
+
+    windows: dict[str, tuple[int, int]]  # layer -> (first active plane, bits)
+    raw: dict[str, list[int]]
+    noncontiguous: dict[str, str] = field(default_factory=dict)  # layer -> "raw -> resolved"
+    projected: int = 0  # planes opened or closed to meet the budget
+
+    def bits(self) -> dict[str, int]:
+        return {n: k for n, (_, k) in self.windows.items()}
+
+    def patterns(self, planes: int) -> dict[str, list[int]]:
+        return {n: window_pattern(planes, s, k) for n, (s, k) in self.windows.items()}
+
+
+def harden(raw: dict[str, list[int]], scores: dict[str, list[float]], budget: Budget | None,
+           tol: float, min_bits: int = MIN_BITS) -> Hardening:
+    """Turn raw gate patterns into contiguous windows, then (if ``budget``) meet the budget.
+
+    ``scores`` are the gate logits m (higher = more wanted). The budget step closes (opens) the
+    window end with the lowest (highest) logit per bit of its layer — a knapsack greedy —
+    among moves that keep the size within ``[1-tol, 1+tol] * budget``; when no move fits it
+    takes the smallest layer.
+    """
+    out = Hardening(windows={}, raw=raw)
+    for name, pat in raw.items():
+        start, k = contiguous_window(pat, scores[name], min_bits)
+        resolved = window_pattern(len(pat), start, k)
+        if resolved != pat:
+            fmt = "".join(map(str, pat)), "".join(map(str, resolved))
+            if not is_contiguous(pat):
+                out.noncontiguous[name] = f"{fmt[0]} -> {fmt[1]}"
+                log.info("CSQ layer %s: active planes %s not contiguous; kept window %s",
+                         name, *fmt)
+        out.windows[name] = (start, k)
+    if budget is not None:
+        out.projected = _project(out.windows, scores, budget, tol)
+    return out
+
+
+def _project(windows: dict[str, tuple[int, int]], scores: dict[str, list[float]],
+             budget: Budget, tol: float) -> int:
+    target = budget.budget_bits
+    lo, hi = target * (1 - tol), target * (1 + tol)
+    numel = budget.numel
+    moves = 0
+
+    def total() -> float:
+        return sum(numel[n] * k for n, (_, k) in windows.items())
+
+    while total() > hi:  # close planes
+        cands = []
+        for n, (s, k) in windows.items():
+            if k > MIN_BITS:
+                top, bot = scores[n][s], scores[n][s + k - 1]
+                # damage per bit saved: the end plane's gate logit over the layer's size
+                cands.append((min(top, bot) / numel[n], n,
+                              (s + 1, k - 1) if top < bot else (s, k - 1)))
+        if not cands:
+            break
+        fit = [c for c in cands if total() - numel[c[1]] >= lo]
+        pick = min(fit) if fit else min(cands, key=lambda c: (numel[c[1]], c[0]))
+        windows[pick[1]] = pick[2]
+        moves += 1
+    while total() < lo:  # open planes
+        cands = []
+        for n, (s, k) in windows.items():
+            sc = scores[n]
+            if s + k < len(sc):  # benefit per bit spent
+                cands.append((sc[s + k] / numel[n], n, (s, k + 1)))
+            if s > 0:
+                cands.append((sc[s - 1] / numel[n], n, (s - 1, k + 1)))
+        fit = [c for c in cands if total() + numel[c[1]] <= hi]
+        if fit:
+            pick = max(fit)
+        else:
+            if not cands:
+                break
+            pick = min(cands, key=lambda c: (numel[c[1]], -c[0]))
+            if abs(total() + numel[pick[1]] - target) >= abs(total() - target):
+                break
+        windows[pick[1]] = pick[2]
+        moves += 1
+        if not fit:
+            break
+    return moves
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@register_method("csq")
+class CSQ(Method):
+    """Two-stage CSQ trial: bit-plane search (stage 1) then LSQ QAT at the found bits."""
+
+    config: CSQConfig
+
+    def __init__(self, config: CSQConfig):
+        super().__init__(config)
+        self.summary: dict[str, Any] = {}
+
+    @classmethod
+    def check_config(cls, config: TrialConfig) -> None:
+        c = config.methods.csq
+        if config.epochs < 2:
+            raise ConfigError("epochs", "CSQ needs at least 2 epochs (stage 1 search, stage 2 QAT)")
+        if c.target_bits is not None and not MIN_BITS <= c.target_bits <= c.planes:
+            raise ConfigError("methods.csq.target_bits",
+                              f"must lie in [{MIN_BITS}, planes={c.planes}] average bits")
+
+    def stage_epochs(self, ctx: TrainContext) -> int:
+        e = ctx.config.epochs
+        return min(e - 1, max(1, round(self.config.epochs_frac * e)))
+
+    # -- stage 1 ---------------------------------------------------------------------
+    def precision_stage(self, ctx: TrainContext) -> dict[str, int] | None:
+        bits, summary = run_stage(self.config, ctx, self.stage_epochs(ctx))
+        self.summary = summary
+        return bits
+
+    # -- reporting ---------------------------------------------------------------------
+    def metrics(self, ctx: TrainContext) -> dict[str, float]:
+        keys = ("avg_bits", "target_bits", "budget_mb", "noncontiguous", "projected",
+                "stage_accuracy")
+        return {k: float(self.summary[k]) for k in keys if k in self.summary}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"summary": dict(self.summary)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.summary = dict(state.get("summary", {}))
+
+
+def searched_layers(cfg: TrialConfig, model: nn.Module) -> tuple[list[str], list[str]]:
+    """(searched, pinned) layer names: first/last (unless ``search_edges``) and layers with an
+    explicit ``w_bits`` rule are pinned."""
+    import re
+
+    from qsearch.quant.precision import quantizable_layers
+
+    names = quantizable_layers(model)
+    pinned: set[str] = set()
+    if not cfg.methods.csq.search_edges:
+        if cfg.first_bits is not None:
+            pinned.add(names[0])
+        if cfg.last_bits is not None:
+            pinned.add(names[-1])
+    for key, rule in cfg.layers.items():
+        if rule.w_bits is None:
+            continue
+        if key.startswith("re:"):
+            pinned.update(n for n in names if re.fullmatch(key[3:], n))
+        else:
+            pinned.add(key)
+    return [n for n in names if n not in pinned], [n for n in names if n in pinned]
+
+
+def layer_rules(weight_bits: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Per-layer ``layers:`` rules that reproduce a trial's weight bits (for re-use/export)."""
+    return {name: {"w_bits": int(b)} for name, b in weight_bits.items()}
+
+
+def fp32_extras(cfg: TrialConfig, model: nn.Module) -> tuple[int, dict[str, int]]:
+    """(FP32 extra parameter count, resolved weight bits) of ``model`` converted as stage 2
+    will convert it; only whether quantizers are enabled matters, not their bits."""
+    from qsearch.quant import Precision, convert
+
+    probe = copy.deepcopy(model)
+    qlayers = convert(probe, Precision.from_config(cfg))
+    return extra_param_count(probe, qlayers), {n: q.w_bits for n, q in qlayers.items()}
+
+
+def regularizer(layers: dict[str, BitPlaneLayer], weights: dict[str, float], rho: float,
+                target_rho: float, lam: float, integral: float = 0.0) -> torch.Tensor:
+    """lambda * (rho - target + integral) * sum_l w_l sum_j sigmoid(beta*m_lj).
+
+    With ``integral = 0`` this is the reference's budget term; the integral (the running sum
+    of past errors, see :func:`run_stage`) removes the steady-state error a proportional-only
+    loop leaves when the task loss holds the gates open."""
+    total = sum(weights[n] * q.soft_gates().sum() for n, q in layers.items())
+    return lam * (rho - target_rho + integral) * total
+
+
+def open_fraction(layers: dict[str, BitPlaneLayer], shares: dict[str, float]) -> float:
+    """rho: the share-weighted fraction of open gates (1[m > 0], or the hard mask)."""
+    return sum(shares[n] * sum(q.raw_pattern()) / q.planes for n, q in layers.items())
+
+
+def temperature(t: float, t_ticket: float, beta_final: float) -> float:
+    """beta = beta_final^(t / t_ticket), held at beta_final from the ticket on."""
+    return beta_final ** min(1.0, t / max(t_ticket, 1e-9))
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _stage_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+    """Bit logits, gate logits and scales get their own groups without weight decay (decay
+    would pull bit logits to the undecided sigmoid(0) = 0.5); everything else as in QAT."""
+    c = cfg.methods.csq
+    groups: dict[str, list[nn.Parameter]] = {"bits": [], "gates": [], "scales": [], "other": []}
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        key = {"pbits": "bits", "nbits": "bits", "gates": "gates", "scale": "scales",
+               "step": "scales"}.get(leaf, "other")
+        groups[key].append(p)
+    spec = [
+        {"name": "csq_bits", "params": groups["bits"], "lr": c.bit_lr, "weight_decay": 0.0},
+        {"name": "csq_gates", "params": groups["gates"], "lr": c.gate_lr, "weight_decay": 0.0},
+        {"name": "steps", "params": groups["scales"], "lr": cfg.lr, "weight_decay": 0.0},
+        {"name": "other", "params": groups["other"], "lr": cfg.lr,
+         "weight_decay": cfg.weight_decay},
+    ]
+    spec = [g for g in spec if g["params"]]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(spec, lr=cfg.lr)
+    return torch.optim.SGD(spec, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _current_bits(layers: dict[str, BitPlaneLayer]) -> dict[str, int]:
+    return {n: min(q.planes, max(MIN_BITS, q.w_bits)) for n, q in layers.items()}
+
+
+def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, int], dict[str, Any]]:
+    """Stage 1 of a CSQ trial (see the module docstring). Returns (bits per searched layer,
+    summary) and sets ``ctx.qat_start_epoch``; with ``carry_weights`` the float model
+    ``ctx.model`` receives the stage-1 weights (hard-gated reconstruction, BN, biases)."""
+    from qsearch.quant import Precision, QConv2d, QLinear
+    from qsearch.quant.precision import quantizable_layers, resolve_precision
+
+    cfg, model = ctx.config, ctx.model
+    searched, pinned = searched_layers(cfg, model)
+    if not searched:
+        raise ConfigError("methods.csq.search_edges",
+                          "every layer is pinned (first/last or a layers.<name>.w_bits rule); "
+                          "set search_edges=true or drop a rule so CSQ has a layer to search")
+    plan = resolve_precision(model, Precision.from_config(cfg))
+    extras, _ = fp32_extras(cfg, model)
+    numel = {n: model.get_submodule(n).weight.numel() for n in searched}
+    pinned_bits = sum(model.get_submodule(n).weight.numel() * plan[n].w_bits for n in pinned)
+    budget = make_budget(c, numel, pinned_bits, extras)
+
+    net = copy.deepcopy(model)
+    names = quantizable_layers(model)
+    layers: dict[str, BitPlaneLayer] = {}
+    for n in names:
+        m, signed = net.get_submodule(n), (True if n == names[0] else None)
+        if n in numel:
+            q: nn.Module = (BitConv2d if isinstance(m, nn.Conv2d) else BitLinear).from_float(
+                m, c.planes, plan[n].a_bits, signed)
+            layers[n] = q  # type: ignore[assignment]
+        else:
+            q = (QConv2d if isinstance(m, nn.Conv2d) else QLinear).from_float(
+                m, plan[n].w_bits, plan[n].a_bits, a_signed=signed)
+        _set_submodule(net, n, q)
+    total = budget.total_numel
+    shares = ({n: numel[n] / total for n in layers} if c.size_aware
+              else {n: 1.0 / len(layers) for n in layers})
+    weights = {n: shares[n] * len(layers) for n in layers}  # mean weight 1: lambda keeps scale
+    target_rho = budget.target_bits / c.planes
+    opt = _stage_optimizer(net, cfg)
+
+    spe, t_ticket = ctx.steps_per_epoch, c.ticket_frac * epochs1
+    hard: Hardening | None = None
+    integral = 0.0
+    soft_avg = float("nan")
+
+    def draw_ticket() -> Hardening:
+        nonlocal soft_avg
+        raw = {n: q.raw_pattern() for n, q in layers.items()}
+        soft_avg = budget.avg_bits(_current_bits(layers))
+        scores = {n: q.gates.detach().tolist() for n, q in layers.items()}
+        h = harden(raw, scores, budget if c.enforce_budget else None, c.budget_tol)
+        for n, pat in h.patterns(c.planes).items():
+            layers[n].set_pattern(pat)
+        return h
+
+    for epoch in range(epochs1):
+        net.train()
+        loss_sum, count, beta, rho = 0.0, 0, 1.0, 0.0
+        for i, (x, y) in enumerate(ctx.batches(epoch)):
+            t = epoch + i / spe
+            if hard is None and t >= t_ticket:
+                hard = draw_ticket()
+            beta = temperature(t, t_ticket, c.beta_final)
+            for q in layers.values():
+                q.beta = beta
+            loss = F.cross_entropy(net(x), y)
+            rho = open_fraction(layers, shares)
+            if hard is None:
+                integral = min(INTEGRAL_CAP, max(-INTEGRAL_CAP,
+                                                 integral + c.integral_gain * (rho - target_rho)))
+                loss = loss + regularizer(layers, weights, rho, target_rho, c.lam, integral)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ctx.step += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("csq t=%.3f beta=%.1f rho=%.3f I=%.2f gates=%s", t, beta, rho, integral,
+                          {n: [round(v * beta, 1) for v in q.gates.tolist()]
+                           for n, q in layers.items()})
+            loss_sum += float(loss.detach()) * len(y)
+            count += len(y)
+        acc, test_loss = ctx.evaluate(net)
+        bits = _current_bits(layers)
+        if ctx.report is not None:
+            ctx.report({"epoch": epoch + 1, "train_loss": loss_sum / max(1, count),
+                        "test_loss": test_loss, "accuracy": acc, "size_mb": budget.size_mb(bits),
+                        "csq.stage": 1, "csq.avg_bits": budget.avg_bits(bits), "csq.rho": rho,
+                        "csq.beta": beta, "csq.target_bits": budget.target_bits})
+    if hard is None:
+        hard = draw_ticket()
+        acc, _ = ctx.evaluate(net)
+    bits = hard.bits()
+    if c.carry_weights:
+        _carry(net, model, layers)
+    ctx.qat_start_epoch = epochs1
+    summary = {
+        "avg_bits": budget.avg_bits(bits), "target_bits": budget.target_bits,
+        "budget_mb": budget.budget_mb(), "size_mb": budget.size_mb(bits),
+        "soft_avg_bits": soft_avg, "noncontiguous": len(hard.noncontiguous),
+        "projected": hard.projected, "stage_accuracy": acc, "bits": dict(bits),
+        "raw": {n: "".join(map(str, p)) for n, p in hard.raw.items()},
+        "resolved": dict(hard.noncontiguous),
+    }
+    log.info("CSQ stage 1: bits %s (avg %.3f, target %.3f, %d planes projected, %d layers "
+             "made contiguous)", bits, summary["avg_bits"], budget.target_bits, hard.projected,
+             len(hard.noncontiguous))
+    return bits, summary
+
+
+@torch.no_grad()
+def _carry(net: nn.Module, model: nn.Module, layers: dict[str, BitPlaneLayer]) -> None:
+    """Copy the stage-1 state into the float model: BN, biases, pinned layers' latent weights,
+    and each searched layer's reconstructed (hard-gated) weight."""
+    target = model.state_dict()
+    for k, v in net.state_dict().items():
+        if k in target and target[k].shape == v.shape:
+            target[k].copy_(v)
+    for n, q in layers.items():
+        model.get_submodule(n).weight.copy_(q.planes_weight())

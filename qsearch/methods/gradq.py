@@ -1,0 +1,336 @@
+"""Low-bit gradients in the backward pass, with hypernetwork compensation (METHODS.md §4).
+
+Every quantized conv/linear quantizes its output gradient ``dY`` to ``b_g`` bits with
+stochastic rounding and uses the result for both backward GEMMs (``dX`` and ``dW``), through
+the shared custom backward of :mod:`qsearch.quant.functional` (``layer.backward.grad_dx`` /
+``grad_dw``). Granularity ``tensor`` uses one grid per gradient tensor (quantized once, shared
+by both GEMMs); ``sample/channel`` uses one grid per sample (row) on the dX path and one per
+output channel (column) on the dW path, as in Chen et al. (NeurIPS 2020). The first and last
+quantized layers use ``first_last_bits`` (8 by default; 32 keeps them FP32).
+
+The quantizer is asymmetric min-max with zero on a level: for a range ``[lo, hi]`` (widened to
+contain 0) it picks an integer zero point and a scale so that the grid covers the whole range.
+Because nothing is ever clipped, stochastic rounding ``floor(g/s + U)``, ``U ~ U[0, 1)``, is
+exactly unbiased, and an exact zero (dead ReLU, max-pool) stays exactly zero. The noise is
+driven by torch's global RNG on the tensor's device (see :func:`uniform_noise`), so a run is
+deterministic under its seed and a resumed run continues the stream (the trainer checkpoints
+the RNG state).
+
+Hypernetwork compensation is our reconstruction of MetaGrad (its internals are not public),
+following MetaQuant's mechanism: per quantized-gradient layer, a coordinate-wise MLP
+``H: 1 -> h -> 1`` maps the previous step's (quantized-backward) weight gradient ``G_prev`` to
+a correction entering the next forward, ``W_meta = W - lr * H(G_prev)``. The task loss trains
+``H`` through ``W_meta`` with its own Adam. ``H`` is made scale-free and zero-preserving:
+``H(g) = rms(g) * (m(g/rms(g)) - m(0))``, with ``m``'s output layer initialised to zero, so
+training starts exactly from the plain forward and a zero gradient (an LTS-frozen weight) gets
+no correction. ``W_meta`` is a training-time construct: evaluation and export use ``W``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from qsearch.errors import ConfigError
+from qsearch.methods.base import Method, MethodConfig, register_method
+
+if TYPE_CHECKING:
+    from qsearch.quant import QuantLayer
+    from qsearch.spec import TrialConfig
+    from qsearch.train.context import TrainContext
+
+FP32_BITS = 32
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+class HypernetConfig(MethodConfig):
+    """``methods.gradq.hypernet``: MetaGrad-style coordinate-wise MLP compensation."""
+
+    hidden: int = Field(8, ge=1, le=256)
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class GradQConfig(MethodConfig):
+    """``methods.gradq``: gradient bit-width (32 = off) and quantizer granularity."""
+
+    bits: int = 8
+    granularity: Literal["tensor", "sample/channel"] = "tensor"
+    first_last_bits: int = 8
+    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
+
+    @field_validator("bits", "first_last_bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in (4, 6, 8, 32):
+            raise ValueError("must be one of 4, 6, 8 or 32 (32 = full precision)")
+        return v
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+def sr_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, lowest level, highest level) of an asymmetric ``bits``-bit grid covering
+    ``[min(lo, 0), max(hi, 0)]`` with 0 exactly on a level (elementwise over ``lo``/``hi``).
+
+    The zero point is ``round(n * -lo / (hi - lo))`` (``n = 2^b - 1``), kept in ``[1, n-1]``
+    when the range has both signs so each sign has at least one level; the scale is then the
+    smallest that still reaches both ends, so no value is ever clipped.
+    """
+    n = float(2**bits - 1)
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    span = (hi - lo).clamp_min(torch.finfo(hi.dtype).tiny)
+    zp = (-lo / span * n).round()
+    zp = torch.where(lo < 0, zp.clamp_min(1.0), zp)
+    zp = torch.where(hi > 0, zp.clamp_max(n - 1.0), zp)
+    scale = torch.maximum(-lo / zp.clamp_min(1.0), hi / (n - zp).clamp_min(1.0))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero: any scale works
+    return scale, -zp, n - zp
+
+
+def _minmax(g: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of ``g`` over everything but dimension ``keep`` (None: the whole tensor),
+    shaped to broadcast against ``g``."""
+    if keep is None:
+        return torch.aminmax(g)
+    keep = keep % g.dim()
+    shape = [1] * g.dim()
+    shape[keep] = g.shape[keep]
+    if keep == 0:  # (aminmax with dim= is several times slower than amin + amax on CPU)
+        g2 = g.reshape(g.shape[0], -1)
+        return g2.amin(dim=1).reshape(shape), g2.amax(dim=1).reshape(shape)
+    dims = tuple(d for d in range(g.dim()) if d != keep)
+    return g.amin(dim=dims, keepdim=True), g.amax(dim=dims, keepdim=True)
+
+
+def uniform_noise(g: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise ``U ~ U[0, 1)`` shaped like ``g`` (float32 at least), driven by ``generator`` or
+    torch's global RNG on ``g``'s device.
+
+    CUDA: ``torch.rand``. CPU: torch's Mersenne-Twister costs ~7.6 ns per float, more than
+    the rest of the quantizer together; so one 62-bit seed is drawn from torch's RNG and
+    NumPy's SFC64 generator (~3.3 ns per float, same 24-bit float resolution) makes the noise.
+    Seeded from torch's stream, a run stays deterministic under its seed and a resumed run
+    (the trainer checkpoints torch's RNG state) draws the same noise.
+    """
+    dtype = torch.promote_types(g.dtype, torch.float32)  # fp16/bf16 noise would be too coarse
+    if g.device.type != "cpu":
+        return torch.rand(g.shape, generator=generator, device=g.device, dtype=dtype)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    np_dtype = np.float64 if dtype == torch.float64 else np.float32
+    u = np.random.Generator(np.random.SFC64(seed)).random(g.numel(), dtype=np_dtype)
+    return torch.from_numpy(u).view(g.shape).to(dtype)
+
+
+def sr_quantize(g: torch.Tensor, bits: int, keep: int | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stochastically rounded ``bits``-bit fake quantization of ``g`` (unbiased: E[Q(g)] = g).
+
+    ``keep=None`` uses one grid for the tensor; ``keep=d`` one grid per index of dimension
+    ``d`` (0: per sample; the channel dimension: per output channel). ``bits >= 32`` returns
+    ``g``. The noise comes from ``generator`` or else torch's global RNG on ``g``'s device.
+    """
+    if bits >= FP32_BITS:
+        return g
+    lo, hi = _minmax(g, keep)
+    scale, qmin, qmax = sr_grid(lo, hi, bits)
+    out = uniform_noise(g, generator)
+    out.addcmul_(g, scale.reciprocal()).floor_()
+    # Clamp only guards against float round-off at the range ends (the grid covers [lo, hi]).
+    return out.clamp_(qmin, qmax).mul_(scale).to(g.dtype)
+
+
+def grad_transforms(bits: int, granularity: str, channel_dim: int) -> tuple[Transform, Transform]:
+    """(grad_dx, grad_dw) for :class:`~qsearch.quant.functional.BackwardOptions`.
+
+    With ``tensor`` granularity both are the same object, which tells the custom backward to
+    quantize ``dY`` once and feed the same tensor to both GEMMs.
+    """
+    if granularity == "tensor":
+        def per_tensor(g: torch.Tensor) -> torch.Tensor:
+            return sr_quantize(g, bits)
+
+        return per_tensor, per_tensor
+
+    def per_sample(g: torch.Tensor) -> torch.Tensor:
+        return sr_quantize(g, bits, keep=0)
+
+    def per_channel(g: torch.Tensor) -> torch.Tensor:
+        return sr_quantize(g, bits, keep=channel_dim)
+
+    return per_sample, per_channel
+
+
+# ----------------------------------------------------------------------------- hypernetwork
+
+
+class Hypernet(nn.Module):
+    """Coordinate-wise MLP ``1 -> hidden -> 1`` shared by all elements of one layer's weight.
+
+    ``forward(g) = rms(g) * (m(g/rms(g)) - m(0))``: normalising by the (detached) RMS makes
+    it independent of the gradient's scale, subtracting ``m(0)`` maps a zero gradient to a
+    zero correction, and the zero-initialised output layer makes ``H = 0`` at the start.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(1, hidden)
+        self.fc2 = nn.Linear(hidden, 1, bias=False)  # a bias would cancel in m(x) - m(0)
+        nn.init.zeros_(self.fc2.weight)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.detach()
+        rms = g.pow(2).mean().sqrt().clamp_min(1e-30)
+        x = torch.cat([(g / rms).reshape(-1, 1), g.new_zeros(1, 1)])
+        m = self.fc2(torch.tanh(self.fc1(x)))
+        return ((m[:-1] - m[-1]) * rms).reshape(g.shape)
+
+
+class _MetaWeight:
+    """``layer.weight_transform``: ``W -> W - lr * H(G_prev)`` while training, else ``W``."""
+
+    def __init__(self, method: GradQ, name: str, layer: QuantLayer):
+        self.method, self.name, self.layer = method, name, layer
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        g = self.method.g_prev.get(self.name)
+        if g is None or not self.layer.training:
+            return w
+        corr = self.method.hyper[self.method.hyper_index[self.name]](g)
+        with torch.no_grad():
+            self.method.corr_ratio[self.name] = corr.norm() / g.norm().clamp_min(1e-30)
+        return w - self.method.lrs.get(self.name, 0.0) * corr
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+@register_method("gradq")
+class GradQ(Method):
+    """Quantized output gradients in every quantized layer, plus optional hypernetwork."""
+
+    config: GradQConfig
+
+    def __init__(self, config: GradQConfig):
+        super().__init__(config)
+        self.bits: dict[str, int] = {}
+        self.layers: dict[str, QuantLayer] = {}
+        self.hyper = nn.ModuleList()
+        self.hyper_index: dict[str, int] = {}
+        self.hyper_opt: torch.optim.Optimizer | None = None
+        self.g_prev: dict[str, torch.Tensor] = {}
+        self.lrs: dict[str, float] = {}
+        self.corr_ratio: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check_config(cls, config: TrialConfig) -> None:
+        cfg = config.methods.gradq
+        if cfg.hypernet.enabled and cfg.bits >= FP32_BITS and cfg.first_last_bits >= FP32_BITS:
+            raise ConfigError(
+                "methods.gradq.hypernet.enabled",
+                "the hypernetwork compensates quantized gradients, but bits=32 and "
+                "first_last_bits=32 leave every gradient FP32; lower methods.gradq.bits or "
+                "disable methods.gradq.hypernet",
+            )
+
+    # -- set-up ------------------------------------------------------------------------
+    def attach(self, ctx: TrainContext) -> None:
+        from qsearch.quant import QConv2d
+
+        cfg = self.config
+        names = list(ctx.qlayers)
+        for i, (name, q) in enumerate(ctx.qlayers.items()):
+            edge = i == 0 or i == len(names) - 1
+            b = cfg.first_last_bits if edge else cfg.bits
+            self.bits[name] = b
+            self.layers[name] = q
+            if b < FP32_BITS:
+                dx, dw = grad_transforms(b, cfg.granularity, 1 if isinstance(q, QConv2d) else -1)
+                q.backward.grad_dx, q.backward.grad_dw = dx, dw
+        if not cfg.hypernet.enabled:
+            return
+        for name, b in self.bits.items():
+            if b < FP32_BITS:
+                self.hyper_index[name] = len(self.hyper)
+                self.hyper.append(Hypernet(cfg.hypernet.hidden))
+                self.layers[name].weight_transform = _MetaWeight(self, name, self.layers[name])
+        self.hyper.to(ctx.device)
+        self.hyper_opt = torch.optim.Adam(self.hyper.parameters(), lr=cfg.hypernet.lr)
+
+    # -- every step --------------------------------------------------------------------
+    def before_forward(self, ctx: TrainContext) -> None:
+        """Read each layer's current LR (TR/TALR may give every layer its own group)."""
+        if not self.hyper_index or ctx.optimizer is None:
+            return
+        lr_of = {id(p): g["lr"] for g in ctx.optimizer.param_groups for p in g["params"]}
+        for name in self.hyper_index:
+            self.lrs[name] = float(lr_of.get(id(self.layers[name].weight), 0.0))
+
+    @torch.no_grad()
+    def after_backward(self, ctx: TrainContext) -> None:
+        """Keep this step's weight gradients: the hypernetwork's input at the next step."""
+        for name in self.hyper_index:
+            g = self.layers[name].weight.grad
+            if g is None:
+                continue
+            prev = self.g_prev.get(name)
+            if prev is None:
+                self.g_prev[name] = g.detach().clone()
+            else:
+                prev.copy_(g)
+
+    def after_step(self, ctx: TrainContext) -> None:
+        if self.hyper_opt is not None:
+            self.hyper_opt.step()
+            self.hyper_opt.zero_grad(set_to_none=True)
+
+    # -- reporting ---------------------------------------------------------------------
+    def metrics(self, ctx: TrainContext) -> dict[str, float]:
+        quantized = [b for b in self.bits.values() if b < FP32_BITS]
+        out = {"bits": float(self.config.bits),
+               "quantized_layers": float(len(quantized)) / max(1, len(self.bits))}
+        if self.corr_ratio:
+            ratios = [float(v) for v in self.corr_ratio.values()]
+            out["hypernet.correction_ratio"] = sum(ratios) / len(ratios)
+        return out
+
+    def layer_stats(self, ctx: TrainContext) -> dict[str, dict[str, float]]:
+        return {n: {"g_bits": float(b)} for n, b in self.bits.items()}
+
+    def extra_backward_bops(self, ctx: TrainContext) -> float:
+        """Hypernetwork cost per sample: per step, ``H`` runs on every element of its layer's
+        weight (``2h`` MACs forward, about twice that backward) in FP32; one step serves one
+        batch, so divide by the batch size."""
+        if not self.hyper_index:
+            return 0.0
+        h = self.config.hypernet.hidden
+        elems = sum(self.layers[n].weight.numel() for n in self.hyper_index)
+        return elems * 6.0 * h * FP32_BITS * FP32_BITS / ctx.config.batch_size
+
+    # -- resume ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if not self.hyper_index:
+            return {}
+        return {
+            "hyper": self.hyper.state_dict(),
+            "hyper_opt": self.hyper_opt.state_dict() if self.hyper_opt is not None else {},
+            "g_prev": {n: t.detach().cpu() for n, t in self.g_prev.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state or not self.hyper_index:
+            return
+        self.hyper.load_state_dict(state["hyper"])
+        if self.hyper_opt is not None and state.get("hyper_opt"):
+            self.hyper_opt.load_state_dict(state["hyper_opt"])
+        self.g_prev = {
+            n: t.to(self.layers[n].weight.device) for n, t in state.get("g_prev", {}).items()
+            if n in self.hyper_index
+        }

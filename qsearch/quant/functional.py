@@ -1,0 +1,155 @@
+"""Conv/linear with a customisable backward, shared by the methods that change it.
+
+Gradient quantization (§4) rewrites the output gradient ``dY`` before both GEMMs; LTS (§2)
+skips the weight-gradient GEMM of frozen output channels. Both are expressed as
+:class:`BackwardOptions` on a quantized layer, and one autograd function honours them, so the
+two methods compose instead of each wrapping the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GradTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class BackwardOptions:
+    """How a quantized layer's backward deviates from plain autograd.
+
+    grad_dx / grad_dw: transforms of dY used for the input-gradient and weight-gradient GEMMs
+    (e.g. a stochastic-rounding quantizer; per-sample rows vs per-channel columns).
+    dw_channels: indices of output channels whose weight gradient is computed; the others
+    get exactly zero without paying for their GEMM (None = all channels).
+    """
+
+    grad_dx: GradTransform | None = None
+    grad_dw: GradTransform | None = None
+    dw_channels: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.grad_dx is not None or self.grad_dw is not None or self.dw_channels is not None
+
+
+def _transformed(opts: BackwardOptions, gy: torch.Tensor, need_dx: bool, need_dw: bool):
+    """(dY for the dX GEMM, dY for the dW GEMM), each None when not needed. When grad_dx and
+    grad_dw are the same callable (a per-tensor quantizer), dY is transformed once and shared."""
+    g_dx = g_dw = None
+    if need_dx:
+        g_dx = opts.grad_dx(gy) if opts.grad_dx is not None else gy
+    if need_dw:
+        if g_dx is not None and opts.grad_dw is opts.grad_dx:
+            g_dw = g_dx
+        else:
+            g_dw = opts.grad_dw(gy) if opts.grad_dw is not None else gy
+    return g_dx, g_dw
+
+
+class _CustomConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups, opts: BackwardOptions):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.conf = (stride, padding, dilation, groups, opts, b is not None)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        stride, padding, dilation, groups, opts, has_bias = ctx.conf
+        gx = gw = gb = None
+        need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
+        g_dx, g = _transformed(opts, gy, ctx.needs_input_grad[0], need_dw)
+        if g is not None and g_dx is g and opts.dw_channels is None:
+            # One dY for all three gradients: a single fused call, as plain autograd makes.
+            mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                    has_bias and ctx.needs_input_grad[2]]
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                g, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False,
+                [0, 0], groups, mask,
+            )
+            return gx, gw, gb, None, None, None, None, None
+        if ctx.needs_input_grad[0]:
+            gx = torch.nn.grad.conv2d_input(x.shape, w, g_dx, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            gw = _conv_weight_grad(x, w, g, stride, padding, dilation, groups, opts.dw_channels)
+        if has_bias and ctx.needs_input_grad[2]:
+            # aten's own bias reduction: bit-identical to plain autograd (g.sum differs in
+            # summation order).
+            gb = torch.ops.aten.convolution_backward(
+                g, x, w, [w.shape[0]], stride, padding, dilation, False, [0, 0], groups,
+                [False, False, True],
+            )[2]
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
+    if channels is None:
+        return torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+    gw = torch.zeros_like(w)
+    if channels.numel() == 0:
+        return gw
+    if groups == 1:
+        sub = torch.nn.grad.conv2d_weight(
+            x, (channels.numel(), *w.shape[1:]), g.index_select(1, channels), stride, padding,
+            dilation, 1,
+        )
+    elif groups == w.shape[0] and w.shape[1] == 1:  # depthwise: channel c sees input c only
+        sub = torch.nn.grad.conv2d_weight(
+            x.index_select(1, channels), (channels.numel(), 1, *w.shape[2:]),
+            g.index_select(1, channels), stride, padding, dilation, channels.numel(),
+        )
+    else:  # general grouped conv: compute all, keep the requested channels
+        full = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+        sub = full.index_select(0, channels)
+    gw.index_copy_(0, channels, sub)
+    return gw
+
+
+class _CustomLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, opts: BackwardOptions):  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        ctx.conf = (opts, b is not None)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        opts, has_bias = ctx.conf
+        gx = gw = gb = None
+        need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
+        g_dx, g = _transformed(opts, gy, ctx.needs_input_grad[0], need_dw)
+        if ctx.needs_input_grad[0]:
+            gx = g_dx @ w
+        if not need_dw:
+            return gx, None, None, None
+        g2 = g.reshape(-1, g.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        if ctx.needs_input_grad[1]:
+            ch = opts.dw_channels
+            if ch is None:
+                gw = g2.t() @ x2
+            else:
+                gw = torch.zeros_like(w)
+                if ch.numel():
+                    gw.index_copy_(0, ch, g2.index_select(1, ch).t() @ x2)
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb, None
+
+
+def conv2d(x, w, b, stride, padding, dilation, groups, opts: BackwardOptions) -> torch.Tensor:
+    if not opts.active:
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+    return _CustomConv2d.apply(x, w, b, stride, padding, dilation, groups, opts)
+
+
+def linear(x, w, b, opts: BackwardOptions) -> torch.Tensor:
+    if not opts.active:
+        return F.linear(x, w, b)
+    return _CustomLinear.apply(x, w, b, opts)

@@ -1,0 +1,157 @@
+"""LSQ fake-quantizers (Esser et al., ICLR 2020), exactly as METHODS.md §1.
+
+One autograd function does the forward ``round(clamp(v/s, -Qn, Qp)) * s`` and the backward
+(straight-through inside the range; step-size gradient ``round(v/s) - v/s`` inside, ``-Qn``
+below, ``Qp`` above, scaled by ``g = 1/sqrt(N*Qp)``). The elementwise passes over activation
+tensors are what QAT adds to a training step, so the function keeps them few: the forward,
+which computes the rounding anyway, also writes the in-range mask and the per-element step
+derivative, and the backward is one multiply and one dot product (measured in
+benchmarks/bench_trainer.py). The naive "grad_scale + round_pass" autograd formulation costs
+about twice as many passes and sums the step gradient from two large, cancelling terms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def level_bounds(bits: int, signed: bool) -> tuple[int, int]:
+    """(Qn, Qp) of a b-bit grid: signed [-2^(b-1), 2^(b-1)-1], unsigned [0, 2^b-1]."""
+    if signed:
+        return 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+class _LSQFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float):  # type: ignore[override]
+        # Multiply by the reciprocal like torch.fake_quantize_per_tensor_affine does, so the
+        # forward matches it bit for bit at the same scale. A 0-dim step is a CPU "scalar"
+        # operand (a faster kernel than broadcasting a 1-element tensor).
+        s0 = s.reshape(())
+        vs = v * s0.reciprocal()
+        q = vs.clamp(-qn, qp)
+        need_v, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        mask = ds = None
+        if need_v or need_s:
+            # In range <=> clamping changed nothing. A float mask multiplies fastest on CPU;
+            # on accelerators the bool mask is 4x smaller to keep for the backward.
+            dtype = v.dtype if v.device.type == "cpu" else torch.bool
+            mask = torch.eq(q, vs, out=torch.empty_like(vs, dtype=dtype))
+        q.round_()
+        if need_s:
+            # d(v_hat/s) / ds: round(v/s) - v/s inside; the clamped level (-Qn or Qp) outside.
+            # Written over v/s, which is not needed any more.
+            ds = torch.addcmul(q, vs, mask, value=-1, out=vs)
+        ctx.save_for_backward(mask if need_v else None, ds)
+        ctx.g = g
+        return q.mul_(s0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        mask, ds = ctx.saved_tensors
+        grad_v = grad * mask if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).mul_(ctx.g).reshape(1)
+        return grad_v, grad_s, None, None, None
+
+
+def lsq_quantize(v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
+    """Functional LSQ fake quantization with the LSQ gradients."""
+    if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):
+        return _LSQFunction.apply(v, s, qn, qp, g)
+    # Inference (evaluation, level counting): the same values, nothing kept for a backward.
+    s0 = s.detach().reshape(())
+    return (v * s0.reciprocal()).clamp_(-qn, qp).round_().mul_(s0)
+
+
+class LSQQuantizer(nn.Module):
+    """A per-tensor LSQ quantizer with a learned step size.
+
+    ``bits == 32`` means off (identity). ``signed=None`` (activations only) decides the sign
+    from the first batch: an input that can be negative (the first layer, a linear bottleneck)
+    gets a signed grid, a post-ReLU input an unsigned one. Bits, sign and whether the step was
+    initialised are buffers, so ``state_dict`` round-trips the quantizer exactly. The forward
+    reads Python mirrors of those buffers instead: reading a CUDA buffer synchronises the
+    device, several times per layer and step. The mirrors are refreshed whenever the buffers
+    change here or are loaded from a state dict; do not write the buffers from outside.
+    """
+
+    def __init__(self, bits: int, kind: str, signed: bool | None = None):
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise ValueError(f"kind must be 'weight' or 'act', got {kind!r}")
+        self.kind = kind
+        self.step = nn.Parameter(torch.ones(1))
+        self.register_buffer("bits_buf", torch.tensor(int(bits)))
+        sign = -1 if signed is None else int(signed)
+        self.register_buffer("signed_buf", torch.tensor(1 if kind == "weight" else sign))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._mirror_buffers()
+
+    def _mirror_buffers(self) -> None:
+        self._bits = int(self.bits_buf)
+        self._sign = int(self.signed_buf)
+        self._initialized = bool(self.initialized)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mirror_buffers()
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @property
+    def enabled(self) -> bool:
+        return self._bits < 32
+
+    @property
+    def signed(self) -> bool:
+        return self._sign == 1
+
+    def set_bits(self, bits: int) -> None:
+        self.bits_buf.fill_(int(bits))
+        self.initialized.fill_(False)
+        self._mirror_buffers()
+
+    def bounds(self) -> tuple[int, int]:
+        return level_bounds(self.bits, self.signed)
+
+    @torch.no_grad()
+    def init_step(self, v: torch.Tensor) -> None:
+        """s = 2 * mean(|v|) / sqrt(Qp) (METHODS.md §1)."""
+        if self._sign == -1:
+            self.signed_buf.fill_(1 if bool((v < 0).any()) else 0)
+            self._sign = int(self.signed_buf)
+        _, qp = self.bounds()
+        s = 2 * v.detach().abs().mean() / math.sqrt(qp)
+        self.step.data.fill_(max(float(s), 1e-8))
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def grad_scale(self, v: torch.Tensor) -> float:
+        _, qp = self.bounds()
+        n = v.numel() if self.kind == "weight" else v[0].numel()
+        return 1.0 / math.sqrt(n * qp)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return v
+        if self.training and not self._initialized:
+            self.init_step(v)  # activations: from the first training batch
+        qn, qp = self.bounds()
+        return lsq_quantize(v, self.step, qn, qp, self.grad_scale(v))
+
+    @torch.no_grad()
+    def levels(self, v: torch.Tensor) -> torch.Tensor:
+        """Integer levels round(clamp(v/s)) of ``v`` (what LTS and TR count)."""
+        qn, qp = self.bounds()
+        return (v * self.step.reciprocal()).clamp_(-qn, qp).round_()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bits={self.bits}"

@@ -1,0 +1,138 @@
+"""The driver's Tune callback: the one place trial events become store rows.
+
+Tune calls the searcher before the callbacks, so by the time :class:`StoreCallback` sees a
+trial end, :class:`~qsearch.search.searcher.QsearchOptunaSearch` has told Optuna; the
+callback then writes the same outcome to qsearch's tables, the per-layer records, and a new
+Pareto snapshot when a trial COMPLETEs. On errors the order is reversed for the message:
+the callback reads it from the trial and hands it to the searcher (:meth:`fail`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+from ray.tune import Callback
+
+from qsearch.search.front import update_snapshot
+from qsearch.search.searcher import TRIAL_KEY, Outcome, QsearchOptunaSearch
+from qsearch.store import Store
+from qsearch.study import StudySpec
+
+log = logging.getLogger(__name__)
+
+#: Keys Tune adds to every result; everything else came from the trainer.
+_TUNE_KEYS = {
+    "config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s",
+    "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+    "iterations_since_restore", "training_iteration", "done", "checkpoint_dir_name",
+    "should_checkpoint",
+}
+
+
+def trial_error_message(trial: Any) -> str:
+    """One line: the trainable's TrialError message, or the last line of Ray's error."""
+    path = getattr(trial, "pickled_error_file", None)
+    if path and Path(path).exists():
+        try:
+            import cloudpickle
+
+            with open(path, "rb") as f:
+                exc = cloudpickle.load(f)
+            cause = getattr(exc, "cause", None)
+            if cause is not None and str(cause):
+                return str(cause).strip().splitlines()[-1]
+            text = str(exc).strip()
+            if text:
+                return text.splitlines()[-1]
+        except Exception:  # noqa: BLE001 - fall back to the text file
+            pass
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return "trial failed (no error message recorded)"
+
+
+class StoreCallback(Callback):
+    def __init__(self, store: Store, study_id: int, spec: StudySpec,
+                 searcher: QsearchOptunaSearch, on_event: Callable[[str, int, dict], None] | None = None):
+        self.store, self.study_id, self.spec, self.searcher = store, study_id, spec, searcher
+        self.on_event = on_event or (lambda *_: None)
+        self.max_epochs = spec.max_epochs()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its run config (for Tune-level restore, which qsearch does not use:
+        a study resumes from its Optuna storage); the live DB handle does not travel."""
+        return {"study_id": self.study_id, "max_epochs": self.max_epochs}
+
+    # -------------------------------------------------------------- helpers
+    @staticmethod
+    def _number(trial: Any) -> int | None:
+        n = (trial.config or {}).get(TRIAL_KEY)
+        return int(n) if n is not None else None
+
+    def _record_end(self, trial: Any, number: int, outcome: Outcome) -> None:
+        last = dict(trial.last_result or {})
+        done = outcome.state == TrialState.COMPLETE
+        # All four cost columns are kept, objectives or not: dashboards plot them.
+        values = {**{k: last.get(k) for k in ("accuracy", "size_mb", "backward_cost", "bops")},
+                  **outcome.values} if done else None
+        self.store.trial_finished(
+            self.study_id, number, state=outcome.state.name, detail=outcome.detail,
+            counted=outcome.counted, values=values,
+            epochs_completed=outcome.epochs_completed, error=outcome.error,
+            layers=last.get("qsearch_layers") if done else None,
+            weights_path=last.get("qsearch_weights") if done else None)
+        if done:
+            update_snapshot(self.store, self.study_id, list(self.spec.objectives),
+                            list(self.spec.directions), trigger_trial=number,
+                            reference=dict(self.spec.reference_point) or None,
+                            prune_weights=self.spec.artifacts.keep == "pareto")
+        self.on_event("end", number, {"state": outcome.state.name, **outcome.values,
+                                      "epoch": outcome.epochs_completed, "error": outcome.error})
+
+    # -------------------------------------------------------------- Tune hooks
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        number = self._number(trial)
+        if number is None:
+            return
+        params = {k: v for k, v in trial.config.items() if k != TRIAL_KEY}
+        ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
+        config = ot.user_attrs.get("config") if ot is not None else None
+        self.store.trial_started(self.study_id, number,
+                                 optuna_trial_id=getattr(ot, "_trial_id", None), params=params,
+                                 config=config, max_epochs=self.max_epochs)
+        self.on_event("start", number, {"params": params})
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        number = self._number(trial)
+        if number is None or "epoch" not in result:
+            return
+        metrics = {k: v for k, v in result.items()
+                   if k not in _TUNE_KEYS and not k.startswith("qsearch_")
+                   and isinstance(v, (int, float, str, bool))}
+        self.store.record_epoch(self.study_id, number, metrics)
+        self.on_event("epoch", number, metrics)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        number = self._number(trial)
+        outcome = self.searcher.outcomes.get(trial.trial_id)
+        if number is None or outcome is None:
+            return
+        self._record_end(trial, number, outcome)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        number = self._number(trial)
+        if number is None:
+            return
+        epoch = int((trial.last_result or {}).get("epoch", 0) or 0)
+        outcome = self.searcher.fail(trial.trial_id, trial_error_message(trial),
+                                     epochs_completed=epoch)
+        if outcome is not None:
+            self._record_end(trial, number, outcome)

@@ -1,0 +1,302 @@
+"""The study driver: ``launch(spec)`` runs (or resumes) a study to its budget.
+
+Order of work, and why:
+
+1. The spec is already validated (nothing is written for a bad spec).
+2. The store makes sure its tables exist, creates or finds the study row and takes the
+   driver lease — a second live driver is refused with the holder's host and pid.
+3. The ordinary Optuna study on the same URL is created/loaded (metric names = objectives).
+   Trials a crashed driver left RUNNING are marked FAIL "driver lost" before anything new
+   starts; they do not use up budget. Finished trials do: only the remainder is run.
+4. Ray (local unless an address is given) runs the trials through a Tune Tuner with our
+   OptunaSearch subclass, resources per trial, concurrency limit and scheduler; the Tune
+   callback writes every event to the store and a Pareto snapshot per completed trial.
+5. However the run ends (budget, time limit, Ctrl-C, lost lease, error), trials still open
+   are marked FAIL "interrupted" and the lease is released: nothing stays RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune import Stopper
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from qsearch.errors import ConfigError, StorageError
+from qsearch.search.space import build_sampler, build_scheduler, optuna_space
+from qsearch.store import Store, StudyRecord
+from qsearch.study import StudySpec
+
+log = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass
+class LaunchResult:
+    study: str
+    status: str  # finished | stopped
+    counted: int  # trials that used up budget (COMPLETE + PRUNED + FAIL, not lost)
+    complete: int
+    pruned: int
+    failed: int
+    lost: int  # FAIL trials that did not count (driver lost, interrupted)
+    wall_s: float
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def artifacts_dir(spec: StudySpec) -> Path:
+    """Absolute: Ray workers run in their own working directories."""
+    if spec.artifacts.dir:
+        return Path(spec.artifacts.dir).expanduser().resolve()
+    url = make_url(spec.storage)
+    if url.get_backend_name() == "sqlite" and url.database:
+        return Path(url.database).expanduser().resolve().parent / "qsearch_artifacts"
+    return Path.cwd().resolve() / "qsearch_artifacts"
+
+
+def _check_storage_url(spec: StudySpec) -> None:
+    try:
+        url = make_url(spec.storage)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's URL
+        raise ConfigError("storage", f"not a database URL: {e}") from None
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigError("storage", "an in-memory SQLite database cannot be shared by the "
+                          "driver and Optuna; use a file, e.g. sqlite:///qsearch.db")
+
+
+def optuna_storage(store: Store) -> optuna.storages.RDBStorage:
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if store.engine.dialect.name == "sqlite":
+        kwargs["connect_args"] = {"timeout": 60}
+    try:
+        return optuna.storages.RDBStorage(store.sqlalchemy_url, engine_kwargs=kwargs)
+    except (SQLAlchemyError, RuntimeError) as e:
+        raise StorageError(f"Optuna storage at {store.masked_url} failed: "
+                           f"{str(e).splitlines()[0]}") from e
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Start (or reuse) Ray. Locally this always starts a private instance
+    (``address="local"``, GCS on a free port, no dashboard), so it neither joins a stray
+    cluster nor collides with a Redis on 6379; ``address`` connects to a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing
+    # Without Tune's file loggers, its end-of-run analysis warns that result.json is absent.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
+                              "log_to_driver": not quiet}
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise StorageError(f"cannot start/connect Ray (address {address or 'local'}): "
+                           f"{str(e).splitlines()[0]}") from e
+
+
+def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state in FINISHED and t.user_attrs.get("qsearch_counted", True)]
+
+
+def reap_lost_trials(study: optuna.Study, store: Store, study_id: int,
+                     reason: str = "driver lost") -> list[int]:
+    """Mark trials left RUNNING (by a crashed driver) FAIL in Optuna and in the store."""
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage = study._storage  # noqa: SLF001 - Optuna's public storage API on a RUNNING trial
+        for k, v in {"error": reason, "qsearch_detail": reason, "qsearch_counted": False}.items():
+            storage.set_trial_user_attr(t._trial_id, k, v)  # noqa: SLF001
+        study.tell(t.number, state=TrialState.FAIL)
+        store.trial_finished(study_id, t.number, state="FAIL", detail=reason, counted=False,
+                             error=reason)
+        lost.append(t.number)
+    if lost:
+        log.warning("study %s: trials %s were left RUNNING by a lost driver; marked FAIL",
+                    study.study_name, lost)
+    return lost
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes the driver lease; sets ``lost`` if another driver took it over."""
+
+    def __init__(self, store: Store, study_id: int, token: str, interval_s: float):
+        super().__init__(name="qsearch-heartbeat", daemon=True)
+        self.store, self.study_id, self.token, self.interval_s = store, study_id, token, interval_s
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval_s):
+            try:
+                if not self.store.heartbeat(self.study_id, self.token):
+                    log.error("driver lease lost (taken over by another driver); stopping")
+                    self.lost = True
+                    return
+            except StorageError as e:  # a blip: keep trying, the lease is stale only after 60 s
+                log.warning("heartbeat failed: %s", e)
+
+
+class LeaseStopper(Stopper):
+    """Tune stopper that ends the experiment when the heartbeat lost the lease."""
+
+    def __init__(self, heartbeat: Heartbeat | None):
+        self.heartbeat = heartbeat
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return bool(self.heartbeat and self.heartbeat.lost)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"heartbeat": None}  # Tune pickles its config; the thread stays here
+
+
+def _open_study(spec: StudySpec, store: Store) -> tuple[StudyRecord, bool]:
+    art = artifacts_dir(spec)
+    rec, created = store.create_or_get_study(
+        spec.name, spec_yaml=spec.to_yaml(), spec_hash=spec.spec_hash(),
+        search_hash=spec.search_hash(), objectives=list(spec.objectives),
+        directions=list(spec.directions), artifacts_dir=str(art))
+    if not created and rec.search_hash != spec.search_hash():
+        raise ConfigError("spec", f"study {spec.name!r} already exists with a different search "
+                          "(objectives, space, sampler, scheduler or base config changed); "
+                          "launch it under a new --name")
+    return rec, created
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | None = None,
+           display: bool = True, console: Any = None) -> LaunchResult:
+    """Run or resume ``spec`` until ``budget.num_trials`` trials have finished."""
+    from ray import tune
+
+    from qsearch.search.callback import StoreCallback
+    from qsearch.search.display import LiveDisplay
+    from qsearch.search.searcher import QsearchOptunaSearch
+    from qsearch.search.trainable import run_trial
+
+    t0 = time.perf_counter()
+    _check_storage_url(spec)
+    base = spec.base_data()
+    ws = base.get("warm_start") or {}
+    if ws.get("cache_dir"):
+        base.setdefault("warm_start", {})["cache_dir"] = str(Path(ws["cache_dir"]).expanduser().resolve())
+    cache = os.environ.get("QSEARCH_CACHE")
+    cache = str(Path(cache).expanduser().resolve()) if cache else None
+
+    store = Store(spec.storage)
+    rec, _ = _open_study(spec, store)
+    token = store.acquire_lease(rec.id)
+    if rec.spec_hash != spec.spec_hash():  # budget/resources changed: keep the newest spec
+        store.update_spec(rec.id, spec.to_yaml(), spec.spec_hash())
+    hb = Heartbeat(store, rec.id, token, interval_s=5.0)
+    hb.start()
+    status = "stopped"
+    searcher = callback = None
+    try:
+        storage = optuna_storage(store)
+        study = optuna.create_study(study_name=spec.name, storage=storage,
+                                    directions=list(spec.directions), load_if_exists=True)
+        if [d.name.lower() for d in study.directions] != list(spec.directions):
+            raise ConfigError("objectives", f"Optuna study {spec.name!r} has directions "
+                              f"{[d.name.lower() for d in study.directions]}; use a new --name")
+        with warnings.catch_warnings():  # stable in practice; Optuna still tags it experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(spec.objectives))
+        study.set_user_attr("qsearch_spec_hash", spec.spec_hash())
+        reap_lost_trials(study, store, rec.id)
+        done = len(counted_trials(study))
+        remaining = spec.budget.num_trials - done
+        if remaining <= 0:
+            status = "finished"
+            return _result(spec.name, study, status, t0)
+
+        init_ray(ray_address, num_cpus, quiet=display)
+        n_before = len(study.trials)
+        sampler = build_sampler(spec, seed_offset=n_before)
+        searcher = QsearchOptunaSearch(spec, optuna_space(spec), storage, sampler)
+        view = LiveDisplay(spec.name, spec.budget.num_trials, done, console=console,
+                           enabled=display)
+        callback = StoreCallback(store, rec.id, spec, searcher, on_event=view.event)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, study=spec.name, base=base,
+                                 cpus=spec.resources.cpu, artifacts_dir=str(artifacts_dir(spec)),
+                                 cache_dir=cache),
+            {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, scheduler=build_scheduler(spec), num_samples=remaining,
+                max_concurrent_trials=spec.budget.max_concurrent,
+                time_budget_s=spec.budget.time_limit_s, reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}",
+                storage_path=str(artifacts_dir(spec) / "ray_results"), callbacks=[callback],
+                stop=LeaseStopper(hb), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=0)),
+        )
+        with view:
+            tuner.fit()
+        _close_open_trials(searcher, callback, store, rec.id)
+        status = "finished" if len(counted_trials(study)) >= spec.budget.num_trials else "stopped"
+        return _result(spec.name, study, status, t0)
+    finally:
+        if searcher is not None and callback is not None:
+            _close_open_trials(searcher, callback, store, rec.id)
+        hb.stop_event.set()
+        try:
+            store.release_lease(rec.id, token, status)
+        except StorageError as e:  # pragma: no cover - the lease goes stale on its own
+            log.warning("could not release the driver lease: %s", e)
+        store.dispose()
+
+
+def _close_open_trials(searcher: Any, callback: Any, store: Store, study_id: int) -> None:
+    """Trials Tune abandoned (Ctrl-C, time limit, lease lost) end FAIL, not RUNNING."""
+    for trial_id in searcher.open_trials():
+        number = searcher.numbers.get(trial_id)
+        outcome = searcher.fail(trial_id, "interrupted: the driver stopped before the trial "
+                                "finished", counted=False, detail="interrupted")
+        if number is not None and outcome is not None:
+            try:
+                store.trial_finished(study_id, number, state="FAIL", detail=outcome.detail,
+                                     counted=False, error=outcome.error)
+            except StorageError as e:  # pragma: no cover
+                log.warning("could not record trial %s as interrupted: %s", number, e)
+
+
+def _result(name: str, study: optuna.Study, status: str, t0: float) -> LaunchResult:
+    trials = study.get_trials(deepcopy=False)
+    counted = counted_trials(study)
+    return LaunchResult(
+        study=name, status=status, counted=len(counted),
+        complete=sum(t.state == TrialState.COMPLETE for t in trials),
+        pruned=sum(t.state == TrialState.PRUNED for t in trials),
+        failed=sum(t.state == TrialState.FAIL and t.user_attrs.get("qsearch_counted", True)
+                   for t in trials),
+        lost=sum(t.state == TrialState.FAIL and not t.user_attrs.get("qsearch_counted", True)
+                 for t in trials),
+        wall_s=time.perf_counter() - t0)

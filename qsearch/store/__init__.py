@@ -1,0 +1,12 @@
+"""The SQL store: qsearch's tables beside Optuna's in one database (see :mod:`.schema`).
+
+:class:`Store` does every write (only the study driver calls those); :mod:`.queries` holds
+the read-only functions the CLI, export and dashboards use.
+"""
+
+from qsearch.store import queries
+from qsearch.store.schema import SCHEMA_VERSION
+from qsearch.store.store import LeaseError, Store, StudyRecord, mask_url, utcnow
+
+__all__ = ["SCHEMA_VERSION", "LeaseError", "Store", "StudyRecord", "mask_url", "queries",
+           "utcnow"]

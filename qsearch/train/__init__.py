@@ -1,0 +1,6 @@
+"""The shared QAT trainer (knows nothing of Optuna, Ray or SQL)."""
+
+from qsearch.train.context import TrainContext, evaluate
+from qsearch.train.trainer import TrainResult, Trainer, resolve_device, train
+
+__all__ = ["TrainContext", "TrainResult", "Trainer", "evaluate", "resolve_device", "train"]

@@ -1,0 +1,135 @@
+"""The cost model of METHODS.md §7, checked against numbers derived by hand from the
+architectures and against PyTorch's own FLOP counter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from qsearch.cost import LayerCost, compute_cost, count_macs, extra_param_count, layer_costs
+from qsearch.models import build_model
+from qsearch.quant import Precision, convert
+
+
+def _resnet20_by_hand(w_bits: int, edge_bits: int, num_classes: int = 10) -> dict[str, float]:
+    """ResNet-20 (option-A shortcuts, no parameters in the shortcut), counted from the paper's
+    description: a 3->16 stem conv, three stages of three BasicBlocks (two 3x3 convs + two BN
+    each) at widths 16/32/64, global pool and a 64->classes linear with bias."""
+    convs_mid = []  # (cin, cout) of every 3x3 conv except the stem
+    cin = 16
+    for width in (16, 32, 64):
+        for _ in range(3):
+            convs_mid += [(cin, width), (width, width)]
+            cin = width
+    stem = 3 * 16 * 9
+    mid = sum(ci * co * 9 for ci, co in convs_mid)
+    fc_w = 64 * num_classes
+    bn_channels = 16 + sum(co for _, co in convs_mid)  # one BN after every conv
+    n_quant_layers = 1 + len(convs_mid) + 1
+    fp32_extra = (
+        4 * bn_channels          # BN weight, bias, running_mean, running_var
+        + num_classes            # fc bias
+        + 2 * n_quant_layers     # weight and activation step size of every quantized layer
+    )
+    bits = stem * edge_bits + mid * w_bits + fc_w * edge_bits + 32 * fp32_extra
+    return {"size_mb": bits / 8 / 1e6, "weights": stem + mid + fc_w, "bn": bn_channels,
+            "layers": n_quant_layers}
+
+
+def test_resnet20_size_w4_first_last_8bit_by_hand():
+    expected = _resnet20_by_hand(w_bits=4, edge_bits=8)
+    model = build_model("resnet20", 10, 3)
+    float_params = sum(p.numel() for p in model.parameters())
+    # sanity of the hand count against the float model: weights + BN affine + fc bias (0.27M)
+    assert float_params == expected["weights"] + 2 * expected["bn"] + 10
+    qlayers = convert(model, Precision(w_bits=4, a_bits=4, first_bits=8, last_bits=8))
+    assert len(qlayers) == expected["layers"]
+    rows = layer_costs(model, (3, 32, 32))
+    cost = compute_cost(rows, extra_param_count(model, qlayers))
+    assert cost.size_mb == pytest.approx(expected["size_mb"], rel=1e-12)
+    assert 0.12 < cost.size_mb < 0.15  # ~0.27M weights at ~4 bits
+
+
+def test_fp32_size_is_four_bytes_per_parameter_and_running_stat():
+    """At 32 bits every quantizer is off: size = 4 bytes x (parameters + BN running stats)."""
+    model = build_model("resnet20", 10, 3)
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(b.numel() for k, b in model.named_buffers() if k.endswith(("running_mean", "running_var")))
+    qlayers = convert(model, Precision(w_bits=32, a_bits=32, first_bits=None, last_bits=None))
+    cost = compute_cost(layer_costs(model, (3, 32, 32)), extra_param_count(model, qlayers))
+    assert cost.size_mb == pytest.approx(4 * n / 1e6, rel=1e-12)
+    assert cost.backward_cost == pytest.approx(1.0)
+
+
+def test_tiny_cnn_cost_by_hand():
+    """Every §7 quantity for tiny-cnn (1x8x8 -> conv 32 -> conv 64 + pool -> conv 64 -> fc)."""
+    model = build_model("tiny-cnn", 10, 1)
+    qlayers = convert(model, Precision(w_bits=4, a_bits=4, first_bits=8, last_bits=8))
+    rows = layer_costs(model, (1, 8, 8))
+    cost = compute_cost(rows, extra_param_count(model, qlayers))
+    # (MACs per sample, weights, w bits, a bits); conv MACs = out H*W*Cout * Cin*3*3
+    layers = [
+        (8 * 8 * 32 * 1 * 9, 32 * 1 * 9, 8, 8),
+        (8 * 8 * 64 * 32 * 9, 64 * 32 * 9, 4, 4),  # pooling comes after this conv
+        (4 * 4 * 64 * 64 * 9, 64 * 64 * 9, 4, 4),
+        (64 * 10, 64 * 10, 8, 8),
+    ]
+    assert [(r.macs, r.params, r.w_bits, r.a_bits) for r in rows] == layers
+    extra = 4 * (32 + 64 + 64) + 10 + 2 * 4
+    assert cost.size_mb == pytest.approx(
+        (sum(n * w for _, n, w, _ in layers) + 32 * extra) / 8 / 1e6, rel=1e-12)
+    assert cost.bops == sum(m * w * a for m, _, w, a in layers)
+    # backward at FP32 gradients: dX (not for the first layer) + dW
+    bwd = sum((0 if i == 0 else m * 32 * w) + m * 32 * a for i, (m, _, w, a) in enumerate(layers))
+    fp32 = sum(m * 32 * 32 * (1 if i == 0 else 2) for i, (m, *_rest) in enumerate(layers))
+    assert cost.backward_cost == pytest.approx(bwd / fp32, rel=1e-12)
+    assert cost.bwd_flops_saved == 0.0
+
+
+def test_compute_cost_gradient_bits_and_freezing_formula():
+    rows = [
+        LayerCost("a", "conv", params=100, macs=1000, w_bits=8, a_bits=8, g_bits=8, first=True,
+                  frozen_fraction=0.5),
+        LayerCost("b", "conv", params=200, macs=3000, w_bits=2, a_bits=4, g_bits=4,
+                  frozen_fraction=0.25),
+    ]
+    cost = compute_cost(rows, extra_params=7, extra_backward_bops=11.0)
+    assert cost.size_mb == pytest.approx((100 * 8 + 200 * 2 + 32 * 7) / 8e6)
+    assert cost.bops == 1000 * 64 + 3000 * 8
+    bwd = 11 + (1000 * 8 * 8 * 0.5) + (3000 * 4 * 2 + 3000 * 4 * 4 * 0.75)
+    assert cost.backward_bops == pytest.approx(bwd)
+    assert cost.fp32_backward_bops == 1000 * 1024 + 3000 * 1024 * 2
+    assert cost.backward_cost == pytest.approx(bwd / (1000 * 1024 + 3000 * 2048))
+    assert cost.bwd_flops_saved == pytest.approx((0.5 * 1000 + 0.25 * 3000) / (2 * 4000))
+
+
+MODELS = [("tiny-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("mobilenetv2", (3, 32, 32))]
+
+
+@pytest.mark.parametrize("name,shape", MODELS, ids=[m for m, _ in MODELS])
+def test_macs_agree_with_torch_flop_counter(name, shape):
+    model = build_model(name, 10, shape[0])
+    macs = count_macs(model, shape)
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, *shape))
+    ref = counter.get_total_flops() / 2
+    assert ref > 0
+    assert sum(macs.values()) == pytest.approx(ref, rel=0.01)
+
+
+@pytest.mark.parametrize("name,shape", MODELS[:2], ids=[m for m, _ in MODELS[:2]])
+def test_fp32_backward_macs_agree_with_torch_flop_counter(name, shape):
+    """The FP32 backward the cost model normalises by is 2x the forward MACs minus the first
+    layer's input gradient. (Only for ungrouped convs: torch's conv-backward formula ignores
+    ``groups``, so it over-counts MobileNetV2's depthwise layers.)"""
+    model = build_model(name, 10, shape[0])
+    rows = layer_costs(model, shape)
+    fwd = sum(r.macs for r in rows)
+    cost = compute_cost(rows, 0)
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, *shape)).sum().backward()
+    ref_bwd = counter.get_total_flops() / 2 / 2 - fwd  # per sample, minus the forward
+    assert cost.fp32_backward_bops / (32 * 32) == pytest.approx(ref_bwd, rel=0.01)

@@ -1,0 +1,165 @@
+"""End to end: real studies through Ray Tune + Optuna into SQLite and PostgreSQL.
+
+Kept tiny (3 epochs, 4-6 trials, 2-epoch warm start shared by the session's cache), Ray is
+started once per session with 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from qsearch.search import launch
+from qsearch.store import LeaseError, Store, queries
+from qsearch.study import parse_study_spec
+
+from _search_helpers import tiny_spec
+
+pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
+
+
+BROKEN_CACHE = "/dev/null/qsearch-cache"  # mkdir fails: a config that raises in the worker
+
+
+
+
+def test_study_end_to_end(db_url, tmp_path, ray_session):
+    spec = parse_study_spec(tiny_spec(
+        "e2e", db_url, tmp_path,
+        budget={"num_trials": 6, "max_concurrent": 1},
+        sampler={"type": "random", "seed": 2},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        search_space={
+            "w_bits": {"type": "categorical", "choices": [2, 4, 8]},
+            "lr": {"type": "float", "low": 0.002, "high": 0.05, "log": True},
+            "warm_start.cache_dir": {"type": "categorical", "choices": [None, BROKEN_CACHE]},
+        }))
+    result = launch(spec, display=False)
+    assert result.status == "finished" and result.counted == 6
+
+    study = optuna.load_study(study_name="e2e", storage=db_url)
+    assert study.metric_names == ["accuracy", "size_mb", "backward_cost"]
+    by_state = {st: [t for t in study.trials if t.state == st] for st in TrialState}
+    assert not by_state[TrialState.RUNNING]
+    assert by_state[TrialState.COMPLETE], "the seed should give finished trials"
+    assert by_state[TrialState.PRUNED], "ASHA should stop a weaker trial"
+    assert by_state[TrialState.FAIL], "the broken cache dir should fail a trial"
+    for t in study.trials:
+        assert t.user_attrs["config"]["model"] == "tiny-cnn"
+    for t in by_state[TrialState.FAIL]:
+        assert t.params["warm_start.cache_dir"] == BROKEN_CACHE
+        assert "Error" in t.user_attrs["error"] and t.user_attrs["qsearch_counted"]
+    for t in by_state[TrialState.PRUNED]:
+        assert 1 <= t.user_attrs["pruned_at_epoch"] < 3
+    for t in by_state[TrialState.COMPLETE]:
+        assert t.user_attrs["epochs_completed"] == 3 and len(t.values) == 3
+
+    store = Store(db_url, create=False)
+    try:
+        rows = {r["number"]: r for r in queries.trials(store, "e2e")}
+        assert {n: r["state"] for n, r in rows.items()} == {t.number: t.state.name for t in study.trials}
+        # Stored front == Optuna's best_trials; pruned/failed trials are never on it.
+        snap, front = queries.pareto_front(store, "e2e")
+        assert {p["trial_number"] for p in front} == {t.number for t in study.best_trials}
+        assert all(rows[p["trial_number"]]["state"] == "COMPLETE" for p in front)
+        assert snap["hypervolume"] > 0 and sum(p["is_knee"] for p in front) == 1
+        assert len(queries.pareto_snapshots(store, "e2e")) == len(by_state[TrialState.COMPLETE])
+        for t in by_state[TrialState.COMPLETE]:
+            curve = queries.epoch_metrics(store, "e2e", t.number)
+            assert [r["epoch"] for r in curve] == [1, 2, 3]
+            assert curve[-1]["accuracy"] == pytest.approx(t.values[0])
+            layers = queries.layer_records(store, "e2e", t.number)
+            assert len(layers) >= 3 and layers[0]["w_bits"] == 8  # first layer at 8 bits
+            assert all(r["w_bits"] == t.params["w_bits"] for r in layers[1:-1])
+        for t in by_state[TrialState.PRUNED]:
+            assert len(queries.epoch_metrics(store, "e2e", t.number)) == t.user_attrs["pruned_at_epoch"]
+            assert rows[t.number]["weights_path"] is None
+        st = queries.list_studies(store)[0]
+        assert st["status"] == "finished" and st["lease_host"] is None
+    finally:
+        store.dispose()
+
+    # Relaunching a finished study runs nothing more.
+    again = launch(spec, display=False)
+    assert again.counted == 6 and len(optuna.load_study(study_name="e2e", storage=db_url).trials) == 6
+
+
+def _wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_killed_driver_and_second_driver_refused(tmp_path, ray_session):
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    data = tiny_spec("resume", url, tmp_path, budget={"num_trials": 4, "max_concurrent": 1})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from qsearch.cli import entry; entry()", "launch",
+         str(spec_file), "--quiet", "--num-cpus", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
+        start_new_session=True)
+    try:
+        def progress():
+            if not Path(tmp_path / "q.db").exists():
+                return False
+            st = Store(url, create=False)
+            try:
+                if not st.has_schema() or st.get_study("resume") is None:
+                    return False
+                states = [r["state"] for r in queries.trials(st, "resume")]
+            finally:
+                st.dispose()
+            return states.count("COMPLETE") >= 1 and "RUNNING" in states
+
+        _wait_for(progress, 240, "the first driver to finish a trial")
+        # A second driver on the live study is refused, naming the holder.
+        with pytest.raises(LeaseError, match=rf"pid {proc.pid}"):
+            launch(parse_study_spec(data), display=False)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    before = {t.number: t for t in optuna.load_study(study_name="resume", storage=url).trials}
+    assert any(t.state == TrialState.RUNNING for t in before.values())
+    result = launch(parse_study_spec(data), display=False)
+    assert result.status == "finished"
+
+    study = optuna.load_study(study_name="resume", storage=url)
+    trials = study.trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    lost = [t for t in trials if not t.user_attrs.get("qsearch_counted", True)]
+    assert lost and all(t.state == TrialState.FAIL and t.user_attrs["error"] == "driver lost"
+                        for t in lost)
+    assert {t.number for t in lost} == {n for n, t in before.items() if t.state == TrialState.RUNNING}
+    counted = [t for t in trials if t.user_attrs.get("qsearch_counted", True)]
+    assert len(counted) == 4
+    # Trials finished by the first driver were kept, not re-run.
+    for n, t in before.items():
+        if t.state == TrialState.COMPLETE:
+            assert study.trials[n].values == t.values
+            assert study.trials[n].datetime_complete == t.datetime_complete
+    store = Store(url, create=False)
+    try:
+        rows = queries.trials(store, "resume")
+        assert sorted(r["number"] for r in rows) == [t.number for t in trials]
+        assert not [r for r in rows if r["state"] == "RUNNING"]
+        assert sum(r["counted"] for r in rows) == 4
+    finally:
+        store.dispose()

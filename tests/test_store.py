@@ -1,0 +1,147 @@
+"""The SQL store on SQLite and PostgreSQL: schema, lease, trial rows, queries, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from datetime import timedelta
+
+import optuna
+import pytest
+from sqlalchemy import create_engine, inspect, text, update
+
+from qsearch.errors import StorageError
+from qsearch.store import LeaseError, Store, queries, utcnow
+from qsearch.store import schema as s
+
+pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
+
+
+def _study(store, name="st"):
+    rec, created = store.create_or_get_study(
+        name, spec_yaml="name: st\n", spec_hash="h" * 64, search_hash="g" * 64,
+        objectives=["accuracy", "size_mb"], directions=["maximize", "minimize"],
+        artifacts_dir="/tmp/a")
+    return rec, created
+
+
+def test_schema_beside_optuna_and_created_once(db_url):
+    optuna.create_study(study_name="o", storage=db_url,
+                        directions=["maximize", "minimize"])
+    stores = []
+    errors = []
+
+    def open_store():
+        try:
+            stores.append(Store(db_url))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    eng = create_engine(stores[0].sqlalchemy_url)
+    try:
+        tables = set(inspect(eng).get_table_names())
+        with eng.connect() as c:
+            alembic = c.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+            versions = c.execute(text("SELECT version FROM qsearch_schema_version")).scalars().all()
+    finally:
+        eng.dispose()
+    ours = {t for t in tables if t.startswith("qsearch_")}
+    assert ours == {t.name for t in s.ALL_TABLES}
+    assert "studies" in tables and "trials" in tables  # Optuna's, untouched
+    assert len(alembic) == 1 and versions == [s.SCHEMA_VERSION]
+    for st in stores:
+        st.dispose()
+
+
+def test_lease_refuse_stale_takeover_and_release(db_url):
+    store = Store(db_url)
+    rec, created = _study(store)
+    assert created and not _study(store)[1]
+    token = store.acquire_lease(rec.id, host="node-a", pid=4242)
+    with pytest.raises(LeaseError, match=r"host node-a, pid 4242"):
+        store.acquire_lease(rec.id, host="node-b", pid=1)
+    assert store.heartbeat(rec.id, token)
+    # A heartbeat older than the timeout: another driver may take over ...
+    with store.tx("age lease") as c:
+        c.execute(update(s.studies).values(lease_heartbeat_at=utcnow() - timedelta(seconds=120)))
+    token_b = store.acquire_lease(rec.id, host="node-b", pid=1)
+    # ... and the old holder learns it lost the lease.
+    assert not store.heartbeat(rec.id, token)
+    assert store.heartbeat(rec.id, token_b)
+    store.release_lease(rec.id, token_b, "stopped")
+    st = queries.list_studies(store)[0]
+    assert st["lease_host"] is None and st["status"] == "stopped"
+    store.dispose()
+
+
+def test_dead_pid_on_this_host_is_taken_over_at_once(db_url):
+    store = Store(db_url)
+    rec, _ = _study(store)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    store.acquire_lease(rec.id, pid=p.pid)  # this host, a pid that has exited
+    store.acquire_lease(rec.id)  # fresh heartbeat, but the holder is gone
+    with pytest.raises(LeaseError, match="pid"):
+        store.acquire_lease(rec.id, host="elsewhere", pid=7)
+    store.dispose()
+
+
+def test_trial_rows_and_queries(db_url):
+    store = Store(db_url)
+    rec, _ = _study(store)
+    store.trial_started(rec.id, 0, optuna_trial_id=1, params={"w_bits": 2},
+                        config={"w_bits": 2}, max_epochs=2)
+    for e in (1, 2):
+        store.record_epoch(rec.id, 0, {"epoch": e, "accuracy": 0.5 + e / 10, "size_mb": 0.1,
+                                       "lts.frozen_fraction": 0.3, "train_loss": float("nan")})
+    store.record_epoch(rec.id, 0, {"epoch": 2, "accuracy": 0.75, "size_mb": 0.1})  # idempotent
+    layers = [{"name": "conv1", "kind": "conv", "params": 10, "macs": 100, "w_bits": 8,
+               "a_bits": 8, "g_bits": 32, "frozen_fraction": 0.0},
+              {"name": "fc", "kind": "linear", "params": 5, "macs": 5, "w_bits": 2,
+               "a_bits": 2, "g_bits": 32, "frozen_fraction": 0.5}]
+    store.trial_finished(rec.id, 0, state="COMPLETE", detail="finished", counted=True,
+                         values={"accuracy": 0.75, "size_mb": 0.1}, epochs_completed=2,
+                         layers=layers, weights_path="/tmp/w.pt")
+    snap = store.write_snapshot(rec.id, trigger_trial=0, n_complete=1, hypervolume=0.5,
+                                reference_point={"accuracy": 0.0, "size_mb": 1.0},
+                                points=[{"trial_number": 0, "accuracy": 0.75, "size_mb": 0.1,
+                                         "is_knee": True}])
+    assert snap == 1
+    t = queries.trial(store, "st", 0)
+    assert (t["state"], t["epochs_completed"], t["accuracy"], t["params"]) == \
+        ("COMPLETE", 2, 0.75, {"w_bits": 2})
+    curve = queries.epoch_metrics(store, "st", 0)
+    assert [r["epoch"] for r in curve] == [1, 2] and curve[1]["accuracy"] == 0.75
+    assert curve[0]["metrics"]["lts.frozen_fraction"] == 0.3 and curve[0]["train_loss"] is None
+    assert [r["name"] for r in queries.layer_records(store, "st", 0)] == ["conv1", "fc"]
+    snap_row, points = queries.pareto_front(store, "st")
+    assert snap_row["reference_point"] == {"accuracy": 0.0, "size_mb": 1.0}
+    assert [p["trial_number"] for p in points] == [0] and points[0]["is_knee"]
+    assert queries.pareto_snapshots(store, "st")[0]["hypervolume"] == 0.5
+    assert queries.list_studies(store)[0]["trials"]["COMPLETE"] == 1
+    store.dispose()
+
+
+def test_unreachable_database_masks_the_password():
+    with pytest.raises(StorageError) as e:
+        Store("postgresql+psycopg://alice:s3cret@127.0.0.1:1/nodb")
+    msg = str(e.value)
+    assert "s3cret" not in msg and "alice:***@127.0.0.1:1/nodb" in msg
+    assert e.value.__cause__ is not None
+
+
+def test_unknown_study_is_a_clear_error(db_url):
+    from qsearch.errors import ConfigError
+
+    store = Store(db_url)
+    _study(store, "known")
+    with pytest.raises(ConfigError, match="known studies: known"):
+        queries.trials(store, "missing")
+    store.dispose()

@@ -1,0 +1,163 @@
+"""TR scheduling with TALR (METHODS.md §3): exact rules, the per-layer optimizer groups, rate
+tracking on digits (SGD and Adam), resume, and composition with LTS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qsearch.errors import ConfigError
+from qsearch.methods.tr import TR, count_transitions, talr_update, target_rate
+from qsearch.train import train
+from qsearch.train.trainer import Trainer
+
+TIMING = ("epoch_s", "wall_s")
+
+
+@pytest.mark.parametrize(("schedule", "epoch", "expect"), [
+    ("cosine", 0, 0.01), ("cosine", 5, 0.005), ("cosine", 9, 0.01 * (1 + math.cos(0.9 * math.pi)) / 2),
+    ("linear", 0, 0.01), ("linear", 4, 0.006), ("linear", 9, 0.001),
+    ("step", 0, 0.01), ("step", 3, 0.01), ("step", 4, 0.001), ("step", 8, 0.0001),
+])
+def test_target_rate_schedules(schedule, epoch, expect):
+    assert target_rate(schedule, 0.01, epoch, 10) == pytest.approx(expect)
+
+
+def test_talr_recurrence_against_hand_computation():
+    r0, m = 0.005, 0.9
+    ks = [0.01, 0.0, 0.002, 0.02]
+    targets = [0.005, 0.005, 0.004, 0.004]
+    K, U = torch.tensor([r0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    k_ref, u_ref = r0, 1.0
+    for k, r in zip(ks, targets):
+        K, U = talr_update(K, U, torch.tensor([k], dtype=torch.float64), r, m, 1e-3, 1e3)
+        k_ref = m * k_ref + (1 - m) * k
+        u_ref = u_ref * (m + (1 - m) * r / (k_ref + 1e-8))
+        assert float(K) == pytest.approx(k_ref, rel=1e-12)
+        assert float(U) == pytest.approx(u_ref, rel=1e-12)
+    # Transitions stopped: U grows and is clamped at u_max.
+    K, U = talr_update(torch.tensor([0.0]), torch.tensor([900.0]), torch.tensor([0.0]), 0.005,
+                       m, 1e-3, 1e3)
+    assert float(U) == 1e3
+
+
+def test_count_transitions_on_known_pattern():
+    prev = torch.tensor([[0, 1, -2, 1], [0, 0, 1, -1]], dtype=torch.int8)
+    now = prev.clone()
+    now[0, 1], now[1, 3] = 0, 1
+    assert int(count_transitions(now, prev)) == 2
+    assert int(count_transitions(prev, prev)) == 0
+
+
+def _setup(tiny_config, **over):
+    tr = Trainer(tiny_config(**over))
+    ctx = tr.setup(None)
+    return tr, ctx, next(m for m in tr.methods if isinstance(m, TR))
+
+
+def test_tr_measures_transitions_and_drives_per_layer_lr(tiny_config):
+    tr_cfg = {"enabled": True, "r0": 0.01, "momentum": 0.9, "lr_scale": 2.0}
+    _, ctx, tr = _setup(tiny_config, w_bits=2, a_bits=2, lr=0.05, methods={"tr": tr_cfg})
+    opt = ctx.optimizer
+    layer_groups = [g for g in opt.param_groups if "layer" in g]
+    assert [g["layer"] for g in layer_groups] == list(tr.layers)
+    assert all(g["lr"] == pytest.approx(0.1) for g in layer_groups)  # alpha = 2 * 0.05
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    for q in tr.layers.values():  # weight steps stay at init: not trained
+        assert not q.w_quant.step.requires_grad and id(q.w_quant.step) not in in_opt
+    assert opt.param_groups[0]["name"] != "qweights"  # the reported LR is an ordinary group
+
+    tr.before_forward(ctx)  # step 0: records levels only
+    assert float(tr.U[0]) == 1.0
+    name, q = "stage2.0.0", ctx.qlayers["stage2.0.0"]
+    i = list(tr.layers).index(name)
+    n = 37
+    with torch.no_grad():  # move n weights by exactly one level (away from the clip range)
+        lv = q.w_quant.levels(q.weight).flatten()
+        idx = torch.nonzero(lv == 0).flatten()[:n]
+        q.weight.view(-1)[idx] = (lv[idx] + 1) * q.w_quant.step
+    tr.before_forward(ctx)
+    k = n / q.weight.numel()
+    K = 0.9 * 0.01 + 0.1 * k
+    U = 0.9 + 0.1 * 0.01 / (K + 1e-8)
+    assert float(tr.K[i]) == pytest.approx(K)
+    assert float(tr.U[i]) == pytest.approx(U)
+    assert layer_groups[i]["lr"] == pytest.approx(0.1 * U)
+    others = [j for j in range(len(tr.layers)) if j != i]
+    assert all(float(tr.U[j]) == pytest.approx(0.9 + 0.1 * 0.01 / (0.9 * 0.01)) for j in others)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_digits_measured_rate_tracks_target(tiny_config, opt):
+    tr_cfg = {"enabled": True, "r0": 0.005, "momentum": 0.9, "schedule": "cosine"}
+    r = train(tiny_config(epochs=6, w_bits=2, a_bits=2, optimizer=opt,
+                          lr=0.02 if opt == "sgd" else 1e-3, methods={"tr": tr_cfg}))
+    h = r.history
+    print(f"{opt}: " + "  ".join(f"e{x['epoch']} {x['tr.transition_rate']:.4f}/{x['tr.target_rate']:.4f}"
+                                 for x in h) + f"  acc {r.metrics['accuracy']:.4f}")
+    half = h[len(h) // 2:]
+    measured = sum(x["tr.transition_rate"] for x in half) / len(half)
+    target = sum(x["tr.target_rate"] for x in half) / len(half)
+    assert target / 2 <= measured <= 2 * target
+    assert r.metrics["accuracy"] > 0.9
+    assert any(k.startswith("tr.talr.") for k in h[-1])
+
+
+def test_tr_resume_is_bit_identical(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=3, optimizer="adam", lr=1e-3,
+                      methods={"tr": {"enabled": True, "scope": "global", "momentum": 0.9}})
+    full = train(cfg)
+
+    class Stop(Exception):
+        pass
+
+    def stop(m):
+        if m["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(cfg, report=stop, checkpoint_dir=tmp_path)
+    resumed = train(cfg, checkpoint_dir=tmp_path)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for ha, hb in zip(full.history, resumed.history, strict=True):
+        assert {k: v for k, v in ha.items() if k not in TIMING} == \
+            {k: v for k, v in hb.items() if k not in TIMING}
+
+
+def test_frozen_weights_do_not_transition(tiny_config):
+    """LTS + TR: once everything is frozen (theta = 1 after warm-up), no weight changes level
+    and no latent weight moves, whatever TALR's LR does."""
+    methods = {"lts": {"enabled": True, "mode": "fixing", "rate": 1.0, "warmup_frac": 0.5},
+               "tr": {"enabled": True, "momentum": 0.9}}
+    r = train(tiny_config(epochs=4, w_bits=2, a_bits=2, methods=methods))
+    first, last = r.history[0], r.history[-1]
+    assert first["tr.transition_rate"] > 0
+    assert last["lts.frozen_fraction"] == 1.0
+    assert last["tr.transition_rate"] == 0.0
+
+
+def test_study_spec_searches_lts_and_tr():
+    from pathlib import Path
+
+    from qsearch.study import load_study_spec
+
+    spec = load_study_spec(Path(__file__).parents[1] / "studies" / "lts-tr-digits.yaml")
+    searched = set(spec.searched())
+    assert {"w_bits", "lr", "methods.lts.mode", "methods.lts.warmup_frac", "methods.lts.momentum",
+            "methods.lts.rate", "methods.tr.r0", "methods.tr.momentum",
+            "methods.tr.schedule"} <= searched
+    cfg = spec.trial_config({"w_bits": 2, "methods.lts.mode": "fixing", "methods.tr.r0": 0.02})
+    assert cfg.methods.lts.enabled and cfg.methods.tr.enabled and cfg.methods.tr.r0 == 0.02
+
+
+def test_config_checks(tiny_config):
+    with pytest.raises(ConfigError) as e:
+        tiny_config(methods={"tr": {"enabled": True, "u_min": 10.0, "u_max": 5.0}})
+    assert e.value.field == "methods.tr.u_min"
+    with pytest.raises(ConfigError) as e:
+        tiny_config(w_bits=32, first_bits=32, last_bits=32, methods={"tr": {"enabled": True}})
+    assert e.value.field == "methods.tr.enabled"
