@@ -43,7 +43,7 @@ def select_trial(store: Store, study: str, *, trial: int | None = None, rule: st
         return trial
     rule = rule or "knee"
     if rule not in RULES:
-        raise ConfigError("--rule", f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        raise ConfigError("--pick", f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     _, points = queries.pareto_front(store, study)
     if not points:
         raise ConfigError("study", f"study {study!r} has no completed trial yet")

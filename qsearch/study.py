@@ -169,12 +169,37 @@ class SchedulerSpec(StrictModel):
 
 
 class ArtifactsSpec(StrictModel):
-    """Where trials keep their final weights. ``dir`` defaults to ``qsearch_artifacts`` beside
-    a SQLite database file (or in the working directory); on a cluster point it at shared
-    storage. ``keep: pareto`` deletes the weights of trials that fall off the Pareto front."""
+    """Where trials keep their files.
+
+    ``dir`` (a filesystem path) holds each finished trial's weights; it defaults to
+    ``qsearch_artifacts`` beside a SQLite database file (or in the working directory). On a
+    cluster point it at a path every node mounts. ``keep: pareto`` deletes the weights of
+    trials that fall off the Pareto front.
+
+    ``checkpoints`` is Ray Tune's storage path for per-epoch trial checkpoints, which a trial
+    resumes from after its worker dies: a shared filesystem path or an object-store URI such
+    as ``s3://bucket/prefix`` (through Ray's pyarrow filesystems). Default: ``<dir>/ray_results``.
+    """
 
     dir: str | None = None
     keep: Literal["pareto", "all"] = "pareto"
+    checkpoints: str | None = None
+
+    @field_validator("dir")
+    @classmethod
+    def _dir_is_a_path(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError(f"must be a filesystem path, got the URI {v!r}; put object-store "
+                             "URIs in artifacts.checkpoints, or mount the bucket as a path")
+        return v
+
+
+class FailureSpec(StrictModel):
+    """Fault tolerance. A trial whose process or node dies (OOM kill, lost worker) is restarted
+    from its last epoch checkpoint up to ``max_failures`` times, then recorded as FAIL. Errors
+    the trainer raises itself (bad config, NaN loss) are deterministic and fail at once."""
+
+    max_failures: int = Field(2, ge=0)
 
 
 # --------------------------------------------------------------------------- the spec
@@ -198,6 +223,7 @@ class StudySpec(StrictModel):
     #: observed values (stored with every snapshot).
     reference_point: dict[Objective, float] = Field(default_factory=dict)
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
 
     @field_validator("search_space", mode="before")
     @classmethod
@@ -282,7 +308,8 @@ class StudySpec(StrictModel):
     def search_hash(self) -> str:
         """Hash of what makes trials comparable; budget/resources may change on resume."""
         blob = json.dumps(self.model_dump(mode="json", exclude={"storage", "budget", "resources",
-                                                                "artifacts"}), sort_keys=True)
+                                                                "artifacts", "failure"}),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def to_yaml(self) -> str:

@@ -149,7 +149,8 @@ def export(
     output: Annotated[str, typer.Option("--output", "-o", help="export file (.json or .yaml)")],
     storage: StorageOpt = None,
     trial: Annotated[Optional[int], typer.Option(help="export this trial number")] = None,
-    rule: Annotated[Optional[str], typer.Option(help="max-accuracy | min-size | knee (default)")] = None,
+    rule: Annotated[Optional[str], typer.Option(
+        "--pick", "--rule", help="max-accuracy | min-size | knee (default)")] = None,
     max_size_mb: Annotated[Optional[float], typer.Option(help="only Pareto trials at most this size")] = None,
     min_accuracy: Annotated[Optional[float], typer.Option(help="only Pareto trials at least this accurate")] = None,
     max_backward_cost: Annotated[Optional[float], typer.Option(help="only Pareto trials at most this backward cost")] = None,
@@ -158,7 +159,7 @@ def export(
     from qsearch.export import export_trial, select_trial
 
     if trial is not None and rule is not None:
-        raise ConfigError("--trial", "give either --trial or --rule, not both")
+        raise ConfigError("--trial", "give either --trial or --pick, not both")
     store = _store(storage)
     number = select_trial(store, study, trial=trial, rule=rule, max_size_mb=max_size_mb,
                           min_accuracy=min_accuracy, max_backward_cost=max_backward_cost)

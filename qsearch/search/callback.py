@@ -9,6 +9,7 @@ the callback reads it from the trial and hands it to the searcher (:meth:`fail`)
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -64,13 +65,28 @@ class StoreCallback(Callback):
         self.store, self.study_id, self.spec, self.searcher = store, study_id, spec, searcher
         self.on_event = on_event or (lambda *_: None)
         self.max_epochs = spec.max_epochs()
+        self._placements: dict[str, str] = {}  # Tune trial id -> last placement recorded
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its run config (for Tune-level restore, which qsearch does not use:
         a study resumes from its Optuna storage); the live DB handle does not travel."""
-        return {"study_id": self.study_id, "max_epochs": self.max_epochs}
+        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_placements": {}}
 
     # -------------------------------------------------------------- helpers
+    def _record_placement(self, trial: Any, number: int, encoded: Any) -> None:
+        """Store where the trial's current attempt runs, once per attempt."""
+        if not encoded or self._placements.get(trial.trial_id) == encoded:
+            return
+        self._placements[trial.trial_id] = encoded
+        try:
+            where = json.loads(encoded)
+        except (TypeError, ValueError):
+            return
+        self.store.set_placement(self.study_id, number, where)
+        ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
+        if ot is not None:
+            ot.set_user_attr("placement", where)
+
     @staticmethod
     def _number(trial: Any) -> int | None:
         n = (trial.config or {}).get(TRIAL_KEY)
@@ -112,7 +128,10 @@ class StoreCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         number = self._number(trial)
-        if number is None or "epoch" not in result:
+        if number is None:
+            return
+        self._record_placement(trial, number, result.get("qsearch_placement"))
+        if "epoch" not in result:
             return
         metrics = {k: v for k, v in result.items()
                    if k not in _TUNE_KEYS and not k.startswith("qsearch_")
@@ -126,6 +145,21 @@ class StoreCallback(Callback):
         if number is None or outcome is None:
             return
         self._record_end(trial, number, outcome)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """The trial's process or node died and Tune restarts it from its last checkpoint."""
+        number = self._number(trial)
+        if number is None:
+            return
+        retries = self.store.trial_retried(self.study_id, number)
+        ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
+        if ot is not None:
+            ot.set_user_attr("qsearch_retries", retries)
+        message = trial_error_message(trial)
+        log.warning("trial %s failed (%s); restart %d of at most %d from its last checkpoint",
+                    number, message, retries, self.spec.failure.max_failures)
+        self._placements.pop(trial.trial_id, None)
+        self.on_event("retry", number, {"retries": retries, "error": message})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         number = self._number(trial)

@@ -52,6 +52,8 @@ class LiveDisplay:
             row["params"] = ", ".join(f"{k}={_fmt(v)}" for k, v in data["params"].items())
         elif kind == "epoch":
             row.update({k: data.get(k) for k in ("epoch", "accuracy", "size_mb", "backward_cost")})
+        elif kind == "retry":
+            row.update(state=f"RETRY {data['retries']}", error=data.get("error"))
         elif kind == "end":
             row.update({k: v for k, v in data.items() if v is not None})
             if data.get("state") in ("COMPLETE", "PRUNED", "FAIL"):

@@ -31,11 +31,10 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune import Stopper
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from qsearch.errors import ConfigError, StorageError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
-from qsearch.store import Store, StudyRecord
+from qsearch.store import Store, StudyRecord, optuna_storage
 from qsearch.study import StudySpec
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,11 @@ def artifacts_dir(spec: StudySpec) -> Path:
     return Path.cwd().resolve() / "qsearch_artifacts"
 
 
+def checkpoints_path(spec: StudySpec) -> str:
+    """Ray Tune's storage path (trial checkpoints): a shared path or an ``s3://``-style URI."""
+    return spec.artifacts.checkpoints or str(artifacts_dir(spec) / "ray_results")
+
+
 def _check_storage_url(spec: StudySpec) -> None:
     try:
         url = make_url(spec.storage)
@@ -75,17 +79,6 @@ def _check_storage_url(spec: StudySpec) -> None:
     if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
         raise ConfigError("storage", "an in-memory SQLite database cannot be shared by the "
                           "driver and Optuna; use a file, e.g. sqlite:///qsearch.db")
-
-
-def optuna_storage(store: Store) -> optuna.storages.RDBStorage:
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if store.engine.dialect.name == "sqlite":
-        kwargs["connect_args"] = {"timeout": 60}
-    try:
-        return optuna.storages.RDBStorage(store.sqlalchemy_url, engine_kwargs=kwargs)
-    except (SQLAlchemyError, RuntimeError) as e:
-        raise StorageError(f"Optuna storage at {store.masked_url} failed: "
-                           f"{str(e).splitlines()[0]}") from e
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
@@ -254,9 +247,12 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
                 time_budget_s=spec.budget.time_limit_s, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}",
-                storage_path=str(artifacts_dir(spec) / "ray_results"), callbacks=[callback],
+                storage_path=checkpoints_path(spec), callbacks=[callback],
                 stop=LeaseStopper(hb), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=0)),
+                # A dead worker process or node restarts the trial from its last epoch
+                # checkpoint; the trainer's own errors never reach Tune as errors.
+                failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
         with view:
             tuner.fit()
@@ -266,6 +262,12 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     finally:
         if searcher is not None and callback is not None:
             _close_open_trials(searcher, callback, store, rec.id)
+            # Nothing this driver started may stay RUNNING (e.g. a trial Optuna created twice
+            # when a dropped connection made a commit look failed).
+            try:
+                reap_lost_trials(searcher.study, store, rec.id, reason="interrupted")
+            except Exception as e:  # noqa: BLE001 - the next launch reaps them instead
+                log.warning("could not close the study's open trials: %s", e)
         hb.stop_event.set()
         try:
             store.release_lease(rec.id, token, status)

@@ -7,8 +7,11 @@ ending with :func:`classify` instead:
 
 * the trainable's final report carries ``qsearch_done`` -> COMPLETE with the objective values;
 * Tune stopped it (``done`` set by a scheduler STOP) before that -> PRUNED, epoch recorded;
-* it raised -> FAIL with the error message (told by :meth:`fail`, once the driver callback has
-  read the message, since Tune calls the searcher before the callbacks on errors);
+* the trainer raised -> the trainable reports ``qsearch_error`` -> FAIL with that message;
+* its process or node died more often than ``failure.max_failures`` allows -> FAIL with Ray's
+  error (told by :meth:`fail`, once the driver callback has read the message, since Tune
+  calls the searcher before the callbacks on errors). Restarts before that are not endings:
+  Tune tells the searcher nothing, so Optuna hears of each trial exactly once;
 * it never got to end (Ctrl-C, time limit, lost driver) -> FAIL, marked as not counting
   toward the budget (``qsearch_counted = False``).
 
@@ -62,6 +65,10 @@ def classify(result: dict[str, Any] | None, objectives: list[str]) -> Outcome:
                        error="stopped before its first report")
     epoch = int(result.get("epoch", 0) or 0)
     values = {o: result.get(o) for o in objectives}
+    if result.get("qsearch_error"):
+        return Outcome(TrialState.FAIL, "error", counted=True,
+                       epochs_completed=int(result.get("qsearch_epochs_completed", 0) or 0),
+                       error=str(result["qsearch_error"]))
     if result.get("qsearch_done"):
         bad = [o for o, v in values.items() if v is None or not math.isfinite(float(v))]
         if bad:

@@ -16,7 +16,9 @@ Tables (keys in brackets):
     ``state`` (RUNNING | COMPLETE | PRUNED | FAIL, as in Optuna), ``detail`` (why it ended:
     ``finished``, ``pruned by asha``, ``driver lost`` ...), ``counted`` (whether it uses up
     budget), sampled ``params`` and full ``config`` (JSON), final objective values,
-    ``epochs_completed``/``max_epochs``, ``error``, ``weights_path`` and start/finish times.
+    ``epochs_completed``/``max_epochs``, ``error``, ``weights_path``, start/finish times,
+    ``retries`` (restarts after its process or node died) and ``placement`` (JSON: the Ray
+    node, pid, GPU ids and torch device of its latest attempt). Added in schema v2.
 ``qsearch_epoch_metrics`` [study_id, trial_number, epoch]
     what the trainer reported after each epoch; the common metrics as columns, everything
     (method metrics such as ``lts.frozen_fraction`` included) in ``metrics`` (JSON).
@@ -48,7 +50,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PREFIX = "qsearch_"
 
 metadata = MetaData()
@@ -107,6 +109,8 @@ trials = Table(
     Column("weights_path", Text),
     Column("started_at", DateTime, nullable=False),
     Column("finished_at", DateTime),
+    Column("retries", Integer, nullable=False, default=0, server_default="0"),
+    Column("placement", JSON),
 )
 
 epoch_metrics = Table(
@@ -164,3 +168,9 @@ pareto_points = Table(
 
 ALL_TABLES = [schema_version, studies, trials, epoch_metrics, layers, pareto_snapshots,
               pareto_points]
+
+#: Upgrades from schema version v-1 to v: columns added to existing tables (table, column).
+#: Tables that are new in a version are made by ``create_all``.
+MIGRATIONS: dict[int, list[tuple[Table, str]]] = {
+    2: [(trials, "retries"), (trials, "placement")],
+}

@@ -9,24 +9,41 @@ through Ray Tune. Read functions for the CLI and dashboards live in :mod:`qsearc
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import random
 import socket
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, delete, event, inspect, select, update
+from sqlalchemy import Connection, create_engine, delete, event, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from qsearch.errors import ConfigError, StorageError
 from qsearch.store import schema as s
 
 log = logging.getLogger(__name__)
 LEASE_STALE_S = float(os.environ.get("QSEARCH_LEASE_TIMEOUT_S", "60"))
+#: Transient database errors (a dropped connection, a failover, SQLite's write lock held too
+#: long) are retried this many times, with exponential back-off and full jitter.
+DB_RETRIES = int(os.environ.get("QSEARCH_DB_RETRIES", "6"))
+DB_RETRY_BASE_S = float(os.environ.get("QSEARCH_DB_RETRY_BASE_S", "0.2"))
+DB_RETRY_MAX_S = 5.0
+#: Any constant: the PostgreSQL advisory lock that serialises schema creation and upgrades.
+_SCHEMA_LOCK_KEY = 0x71736561  # "qsea"
 _OPTIONAL_METRIC_COLUMNS = ("accuracy", "size_mb", "backward_cost", "bops", "train_loss",
                             "test_loss", "wall_s")
 
@@ -96,8 +113,79 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def prefer_psycopg3(url: Any) -> Any:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; use psycopg 3 when that is installed."""
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() in ("", "psycopg2"):
+        with contextlib.suppress(ImportError):
+            import psycopg  # noqa: F401
+
+            return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def engine_kwargs(backend: str) -> dict[str, Any]:
+    """Engine settings for a long-running driver, shared by qsearch's and Optuna's engines.
+
+    ``pool_pre_ping`` replaces connections the server dropped while they sat in the pool
+    (restarts, ``pg_terminate_backend``, idle timeouts). On PostgreSQL the pool is bounded
+    (``QSEARCH_DB_POOL_SIZE`` + ``QSEARCH_DB_MAX_OVERFLOW`` connections per engine; a driver
+    has two engines) and connections are recycled before typical proxy idle limits.
+    """
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        # Driver and Optuna share the file; wait for the other's write lock, not fail.
+        kwargs["connect_args"] = {"timeout": 60}
+    else:
+        kwargs.update(pool_size=int(os.environ.get("QSEARCH_DB_POOL_SIZE", "5")),
+                      max_overflow=int(os.environ.get("QSEARCH_DB_MAX_OVERFLOW", "5")),
+                      pool_timeout=30, pool_recycle=1800)
+    return kwargs
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A database error that a retry on a fresh connection can fix (also when wrapped, as
+    in StorageError or Optuna's StorageInternalError)."""
+    cause = exc if isinstance(exc, SQLAlchemyError) else exc.__cause__
+    if isinstance(cause, DBAPIError) and cause.connection_invalidated:
+        return True
+    if isinstance(cause, (OperationalError, InterfaceError)):
+        return True  # connection lost/refused, server shutting down, SQLite busy
+    return False
+
+
+def with_retries(what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
+    """Call ``fn`` (one whole transaction), retrying transient errors with jittered
+    exponential back-off; the last error propagates."""
+    n = DB_RETRIES if attempts is None else attempts
+    for attempt in range(n + 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - is_transient decides; the rest propagates
+            if attempt == n or isinstance(e, LeaseError) or not is_transient(e):
+                raise
+            delay = random.uniform(0, min(DB_RETRY_MAX_S, DB_RETRY_BASE_S * 2 ** attempt))
+            log.warning("%s: transient database error (%s); retry %d/%d in %.2f s", what,
+                        str(e).splitlines()[0][:200], attempt + 1, n, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def retried(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Method decorator: the whole method (its transaction) is retried on transient errors."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        return with_retries(fn.__name__, lambda: fn(self, *args, **kwargs))
+
+    return wrapper
+
+
 class Store:
-    """Access to qsearch's tables at one SQLAlchemy URL (SQLite file or PostgreSQL)."""
+    """Access to qsearch's tables at one SQLAlchemy URL (SQLite file or PostgreSQL).
+
+    Every public method is one transaction and is retried as a whole on transient errors
+    (:func:`is_transient`); the writes are idempotent or compare-and-swap, so a retry after an
+    ambiguous failure does no harm."""
 
     def __init__(self, url: str, *, create: bool = True):
         self.url = url
@@ -106,16 +194,8 @@ class Store:
             parsed = make_url(url)
         except ArgumentError as e:
             raise ConfigError("storage", f"not a database URL: {url!r} ({e})") from None
-        kwargs: dict[str, Any] = {"pool_pre_ping": True, "future": True}
-        if parsed.get_backend_name() == "sqlite":
-            # Driver and Optuna share the file; wait for the other's write lock, not fail.
-            kwargs["connect_args"] = {"timeout": 60}
-        elif parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in (
-                "", "psycopg2"):
-            with contextlib.suppress(ImportError):
-                import psycopg  # noqa: F401 - prefer psycopg 3 when it is the one installed
-
-                parsed = parsed.set(drivername="postgresql+psycopg")
+        parsed = prefer_psycopg3(parsed)
+        kwargs = engine_kwargs(parsed.get_backend_name())
         try:
             self.engine: Engine = create_engine(parsed, **kwargs)
         except (ArgumentError, ImportError) as e:
@@ -144,13 +224,32 @@ class Store:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    @contextlib.contextmanager
+    def schema_lock(self) -> Iterator[None]:
+        """Hold the schema advisory lock (PostgreSQL; a no-op elsewhere) across transactions,
+        e.g. while Optuna creates its tables."""
+        if self.engine.dialect.name != "postgresql":
+            yield
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+                conn.commit()
+
+    @retried
     def ensure_schema(self) -> None:
-        """Create the qsearch tables once. Several drivers may start together: creation uses
-        IF-NOT-EXISTS semantics and a lost race (table/row created by another process
-        between check and create) is caught and re-checked."""
+        """Create (or upgrade) the qsearch tables exactly once, also when several drivers
+        start together on an empty database: on PostgreSQL a transaction-scoped advisory lock
+        serialises them, so the others find the tables made; on SQLite a lost race (a table
+        created between check and create) is caught and re-checked."""
         for attempt in range(3):
             try:
                 with self.tx("create qsearch schema") as conn:
+                    self._lock_schema(conn)
                     s.metadata.create_all(conn, checkfirst=True)
                     row = conn.execute(select(s.schema_version.c.version)).first()
                     if row is None:
@@ -160,6 +259,8 @@ class Store:
                         raise StorageError(
                             f"database {self.masked_url} has qsearch schema v{row.version}, "
                             f"newer than this qsearch (v{s.SCHEMA_VERSION}); upgrade qsearch")
+                    elif row.version < s.SCHEMA_VERSION:
+                        self._upgrade(conn, row.version)
                 return
             except StorageError as e:
                 cause = e.__cause__
@@ -168,16 +269,42 @@ class Store:
                     continue  # another driver created it between our check and create
                 raise
 
+    @staticmethod
+    def _lock_schema(conn: Connection) -> None:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+
+    def _upgrade(self, conn: Connection, version: int) -> None:
+        """Bring an older qsearch schema up to date, in this (locked) transaction."""
+        insp = inspect(conn)
+        for v in range(version + 1, s.SCHEMA_VERSION + 1):
+            for table, name in s.MIGRATIONS.get(v, []):
+                if name in {c["name"] for c in insp.get_columns(table.name)}:
+                    continue
+                col = table.c[name]
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} " \
+                      f"{col.type.compile(conn.dialect)}"
+                if col.server_default is not None:
+                    ddl += f" NOT NULL DEFAULT {col.server_default.arg}"
+                conn.exec_driver_sql(ddl)
+        conn.execute(update(s.schema_version).values(version=s.SCHEMA_VERSION,
+                                                      applied_at=utcnow()))
+        log.warning("upgraded the qsearch schema in %s from v%d to v%d", self.masked_url,
+                    version, s.SCHEMA_VERSION)
+
+    @retried
     def has_schema(self) -> bool:
         with self.tx("inspect schema") as conn:
             return inspect(conn).has_table(s.schema_version.name)
 
     # ------------------------------------------------------------------ studies
+    @retried
     def get_study(self, name: str) -> StudyRecord | None:
         with self.tx("read study") as conn:
             row = conn.execute(select(s.studies).where(s.studies.c.name == name)).first()
         return _study(row) if row is not None else None
 
+    @retried
     def create_or_get_study(self, name: str, *, spec_yaml: str, spec_hash: str,
                             search_hash: str, objectives: list[str], directions: list[str],
                             artifacts_dir: str) -> tuple[StudyRecord, bool]:
@@ -201,11 +328,13 @@ class Store:
             raise StorageError(f"study {name!r} vanished from {self.masked_url}")
         return rec, rec.created_at == now
 
+    @retried
     def update_spec(self, study_id: int, spec_yaml: str, spec_hash: str) -> None:
         with self.tx("update study spec") as conn:
             conn.execute(update(s.studies).where(s.studies.c.id == study_id).values(
                 spec_yaml=spec_yaml, spec_hash=spec_hash, updated_at=utcnow()))
 
+    @retried
     def set_status(self, study_id: int, status: str, finished: bool = False) -> None:
         now = utcnow()
         values: dict[str, Any] = {"status": status, "updated_at": now}
@@ -215,6 +344,7 @@ class Store:
             conn.execute(update(s.studies).where(s.studies.c.id == study_id).values(**values))
 
     # ------------------------------------------------------------------ driver lease
+    @retried
     def acquire_lease(self, study_id: int, *, host: str | None = None, pid: int | None = None,
                       stale_after_s: float | None = None) -> str:
         """Make this process the study's only driver; returns the lease token.
@@ -237,14 +367,17 @@ class Store:
                     else float("inf")
                 dead_here = row.lease_host == socket.gethostname() and row.lease_pid is not None \
                     and not _pid_alive(int(row.lease_pid))
-                if age < stale and not dead_here:
+                # Our own lease: a retried acquisition whose first commit did go through.
+                mine = row.lease_host == host and row.lease_pid == pid
+                if age < stale and not dead_here and not mine:
                     raise LeaseError(
                         f"study {row.name!r} is already being run by another driver (host "
                         f"{row.lease_host}, pid {row.lease_pid}, heartbeat {age:.0f} s ago); "
                         f"wait for it to finish, or relaunch once its heartbeat is older than "
                         f"{stale:.0f} s if it died")
-                log.warning("taking over study %s from driver host %s pid %s (heartbeat %.0f s ago)",
-                            row.name, row.lease_host, row.lease_pid, age)
+                if not mine:
+                    log.warning("taking over study %s from driver host %s pid %s (heartbeat "
+                                "%.0f s ago)", row.name, row.lease_host, row.lease_pid, age)
             cond = s.studies.c.lease_token.is_(None) if old is None else \
                 s.studies.c.lease_token == old
             res = conn.execute(update(s.studies).where(s.studies.c.id == study_id, cond).values(
@@ -255,6 +388,7 @@ class Store:
                                  "same moment; try again")
         return token
 
+    @retried
     def heartbeat(self, study_id: int, token: str) -> bool:
         """Refresh the lease; False if this driver no longer holds it."""
         with self.tx("refresh driver lease") as conn:
@@ -263,6 +397,7 @@ class Store:
                 lease_heartbeat_at=utcnow()))
         return res.rowcount == 1
 
+    @retried
     def release_lease(self, study_id: int, token: str, status: str) -> None:
         now = utcnow()
         with self.tx("release driver lease") as conn:
@@ -273,16 +408,37 @@ class Store:
                 finished_at=now if status == "finished" else None))
 
     # ------------------------------------------------------------------ trials
+    @retried
     def trial_started(self, study_id: int, number: int, *, optuna_trial_id: int | None,
                       params: dict[str, Any], config: dict[str, Any], max_epochs: int) -> None:
+        """A trial (re)started. A restart after a failure keeps its epochs and retry count."""
+        where = (s.trials.c.study_id == study_id, s.trials.c.number == number)
+        values = {"optuna_trial_id": optuna_trial_id, "state": "RUNNING",
+                  "params": _jsonable(params), "config": config, "max_epochs": max_epochs}
         with self.tx("record trial start") as conn:
-            conn.execute(delete(s.trials).where(s.trials.c.study_id == study_id,
-                                                s.trials.c.number == number))
-            conn.execute(s.trials.insert().values(
-                study_id=study_id, number=number, optuna_trial_id=optuna_trial_id,
-                state="RUNNING", counted=False, params=_jsonable(params), config=config,
-                epochs_completed=0, max_epochs=max_epochs, started_at=utcnow()))
+            res = conn.execute(update(s.trials).where(*where).values(**values))
+            if res.rowcount == 0:
+                conn.execute(s.trials.insert().values(
+                    study_id=study_id, number=number, counted=False, epochs_completed=0,
+                    retries=0, started_at=utcnow(), **values))
 
+    @retried
+    def trial_retried(self, study_id: int, number: int) -> int:
+        """Count one restart of a trial whose process or node died; returns the new count."""
+        where = (s.trials.c.study_id == study_id, s.trials.c.number == number)
+        with self.tx("record trial retry") as conn:
+            conn.execute(update(s.trials).where(*where).values(retries=s.trials.c.retries + 1))
+            return int(conn.execute(select(s.trials.c.retries).where(*where)).scalar() or 0)
+
+    @retried
+    def set_placement(self, study_id: int, number: int, placement: dict[str, Any]) -> None:
+        """Where the trial's current attempt runs (node, pid, GPU ids, device)."""
+        with self.tx("record trial placement") as conn:
+            conn.execute(update(s.trials).where(
+                s.trials.c.study_id == study_id, s.trials.c.number == number).values(
+                placement=placement))
+
+    @retried
     def record_epoch(self, study_id: int, number: int, metrics: dict[str, Any]) -> None:
         """Store one epoch's report (idempotent: a repeated epoch replaces the row)."""
         epoch = int(metrics["epoch"])
@@ -298,6 +454,7 @@ class Store:
                 s.trials.c.study_id == study_id, s.trials.c.number == number,
                 s.trials.c.state == "RUNNING").values(epochs_completed=epoch))
 
+    @retried
     def trial_finished(self, study_id: int, number: int, *, state: str, detail: str,
                        counted: bool, values: dict[str, Any] | None = None,
                        epochs_completed: int | None = None, error: str | None = None,
@@ -331,6 +488,7 @@ class Store:
                      "frozen_fraction": float(r.get("frozen_fraction", 0.0))}
                     for i, r in enumerate(layers)])
 
+    @retried
     def clear_weights_path(self, study_id: int, numbers: list[int]) -> None:
         if not numbers:
             return
@@ -340,6 +498,7 @@ class Store:
                 weights_path=None))
 
     # ------------------------------------------------------------------ pareto
+    @retried
     def write_snapshot(self, study_id: int, *, trigger_trial: int | None, n_complete: int,
                        points: list[dict[str, Any]], hypervolume: float | None,
                        reference_point: dict[str, float] | None) -> int:
