@@ -66,11 +66,13 @@ class StoreCallback(Callback):
         self.on_event = on_event or (lambda *_: None)
         self.max_epochs = spec.max_epochs()
         self._placements: dict[str, str] = {}  # Tune trial id -> last placement recorded
+        self._history: dict[str, list[dict[str, Any]]] = {}  # Tune trial id -> attempts
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its run config (for Tune-level restore, which qsearch does not use:
         a study resumes from its Optuna storage); the live DB handle does not travel."""
-        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_placements": {}}
+        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_placements": {},
+                "_history": {}}
 
     # -------------------------------------------------------------- helpers
     def _record_placement(self, trial: Any, number: int, encoded: Any) -> None:
@@ -83,9 +85,11 @@ class StoreCallback(Callback):
         except (TypeError, ValueError):
             return
         self.store.set_placement(self.study_id, number, where)
+        history = self._history.setdefault(trial.trial_id, [])
+        history.append(where)
         ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
         if ot is not None:
-            ot.set_user_attr("placement", where)
+            ot.set_user_attr("placements", history)  # one entry per attempt
 
     @staticmethod
     def _number(trial: Any) -> int | None:
