@@ -145,3 +145,69 @@ def test_unknown_study_is_a_clear_error(db_url):
     with pytest.raises(ConfigError, match="known studies: known"):
         queries.trials(store, "missing")
     store.dispose()
+
+
+@pytest.mark.postgres
+def test_transient_error_is_retried_on_a_fresh_connection(pg_url):
+    """The server kills the connection in the middle of a transaction: the whole
+    transaction is retried on a new connection; a real error is not retried."""
+    import psycopg
+
+    from _search_helpers import PG_ADMIN
+    from qsearch.store import with_retries
+
+    store = Store(pg_url)
+    admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    pids: list[int] = []
+
+    def op() -> int:
+        with store.tx("probe") as conn:
+            pids.append(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+            if len(pids) == 1:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pids[0],))
+            return conn.execute(text("SELECT 41 + 1")).scalar()
+
+    try:
+        assert with_retries("probe", op) == 42
+        assert len(pids) == 2 and pids[0] != pids[1]
+
+        calls: list[int] = []
+
+        def broken() -> None:
+            calls.append(1)
+            with store.tx("broken") as conn:
+                conn.execute(text("SELECT * FROM no_such_table"))
+
+        with pytest.raises(StorageError, match="no_such_table"):
+            with_retries("broken", broken)
+        assert calls == [1]
+    finally:
+        admin.close()
+        store.dispose()
+
+
+def test_v1_schema_is_upgraded_in_place(db_url):
+    """A database made by qsearch schema v1 (no retries/placement columns) is upgraded
+    when a newer qsearch opens it; its rows are kept."""
+    store = Store(db_url)
+    rec, _ = _study(store)
+    store.trial_started(rec.id, 0, optuna_trial_id=1, params={}, config={}, max_epochs=1)
+    with store.engine.begin() as c:
+        for col in ("retries", "placement"):
+            c.execute(text(f"ALTER TABLE qsearch_trials DROP COLUMN {col}"))
+        c.execute(text("UPDATE qsearch_schema_version SET version = 1"))
+    store.dispose()
+
+    store = Store(db_url)
+    try:
+        with store.engine.connect() as c:
+            assert c.execute(text("SELECT version FROM qsearch_schema_version")).scalar() == \
+                s.SCHEMA_VERSION
+        cols = {col["name"] for col in inspect(store.engine).get_columns("qsearch_trials")}
+        assert {"retries", "placement"} <= cols
+        assert store.trial_retried(rec.id, 0) == 1
+        store.set_placement(rec.id, 0, {"node_id": "n1", "gpu_ids": ["0"]})
+        row = queries.trial(store, "st", 0)
+        assert row["retries"] == 1 and row["placement"]["gpu_ids"] == ["0"]
+    finally:
+        store.dispose()

@@ -61,6 +61,8 @@ def test_good_spec_builds_configs_and_search_objects():
     ({"base": {"epochz": 3}}, "base.epochz", "unknown"),
     ({"budget": {"num_trials": 0}}, "budget.num_trials", None),
     ({"resources": {"gpu": -1}}, "resources.gpu", None),
+    ({"artifacts": {"dir": "s3://bucket/x"}}, "artifacts.dir", "artifacts.checkpoints"),
+    ({"failure": {"max_failures": -1}}, "failure.max_failures", None),
 ])
 def test_bad_spec_names_the_key(over, field, words):
     with pytest.raises(ConfigError) as e:
@@ -68,6 +70,15 @@ def test_bad_spec_names_the_key(over, field, words):
     assert e.value.field.startswith(field), str(e.value)
     if words:
         assert words in str(e.value)
+
+
+def test_checkpoints_may_be_an_object_store_uri():
+    spec = parse_study_spec(good(artifacts={"dir": "/shared/a", "checkpoints": "s3://b/ckpt"}))
+    from qsearch.search.driver import checkpoints_path
+
+    assert checkpoints_path(spec) == "s3://b/ckpt"
+    assert checkpoints_path(parse_study_spec(good(artifacts={"dir": "/shared/a"}))) == \
+        "/shared/a/ray_results"
 
 
 def test_fractional_gpu_and_name_override(tmp_path):

@@ -27,7 +27,9 @@ def _store(url: str | None, create: bool = False) -> Any:
     from qsearch.store import Store
     from qsearch.study import DEFAULT_STORAGE
 
-    return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create)
+    # One-shot commands: a wrong or unreachable URL should fail fast, not after back-offs.
+    return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create,
+                 retries=1)
 
 
 def _fmt(v: Any) -> str:
@@ -91,11 +93,13 @@ def status(study: Annotated[str, typer.Argument(help="study name")], storage: St
     snap, front = queries.pareto_front(store, study)
     on_front = {p["trial_number"] for p in front}
     t = Table(title=f"study {study} ({rec.status})")
-    for c in ("#", "state", "epochs", "accuracy", "size_mb", "backward_cost", "front", "detail / params"):
+    for c in ("#", "state", "epochs", "retries", "accuracy", "size_mb", "backward_cost", "front",
+              "detail / params"):
         t.add_column(c)
     for r in queries.trials(store, study):
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in (r["params"] or {}).items())
         t.add_row(str(r["number"]), r["state"], f"{r['epochs_completed']}/{r['max_epochs'] or ''}",
+                  str(r.get("retries") or 0),
                   _fmt(r["accuracy"]), _fmt(r["size_mb"]), _fmt(r["backward_cost"]),
                   "*" if r["number"] in on_front else "",
                   (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:80])

@@ -35,6 +35,7 @@ from sqlalchemy.engine import make_url
 from qsearch.errors import ConfigError, StorageError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
 from qsearch.store import Store, StudyRecord, optuna_storage
+from qsearch.store.store import DB_RETRIES
 from qsearch.study import StudySpec
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,10 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     cache = os.environ.get("QSEARCH_CACHE")
     cache = str(Path(cache).expanduser().resolve()) if cache else None
 
-    store = Store(spec.storage)
+    store = Store(spec.storage, retries=1)  # a wrong or unreachable URL fails fast...
     rec, _ = _open_study(spec, store)
     token = store.acquire_lease(rec.id)
+    store.retries = DB_RETRIES  # ...while a running study rides out connection drops
     if rec.spec_hash != spec.spec_hash():  # budget/resources changed: keep the newest spec
         store.update_spec(rec.id, spec.to_yaml(), spec.spec_hash())
     hb = Heartbeat(store, rec.id, token, interval_s=5.0)

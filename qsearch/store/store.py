@@ -175,7 +175,7 @@ def retried(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
-        return with_retries(fn.__name__, lambda: fn(self, *args, **kwargs))
+        return with_retries(fn.__name__, lambda: fn(self, *args, **kwargs), self.retries)
 
     return wrapper
 
@@ -187,8 +187,11 @@ class Store:
     (:func:`is_transient`); the writes are idempotent or compare-and-swap, so a retry after an
     ambiguous failure does no harm."""
 
-    def __init__(self, url: str, *, create: bool = True):
+    def __init__(self, url: str, *, create: bool = True, retries: int | None = None):
+        """``retries``: how often a transient error is retried (default ``QSEARCH_DB_RETRIES``);
+        one-shot commands pass a small number so a wrong URL fails fast."""
         self.url = url
+        self.retries = DB_RETRIES if retries is None else retries
         self.masked_url = mask_url(url)
         try:
             parsed = make_url(url)
