@@ -229,6 +229,7 @@ def test_gpu_packing_and_a_lost_worker_node(cluster, pg_url, tmp_path):
         victims = {r["number"] for r in running if r["placement"]["node_id"] == node}
         assert len(victims) == 2
         assert all(r["placement"]["device"] == "cpu" for r in running)  # no CUDA here
+        workers_before = cluster.workers()
         cluster.remove(node)  # the node's raylet and its workers die, as with a lost machine
         driver.wait(600)
     finally:
@@ -237,6 +238,9 @@ def test_gpu_packing_and_a_lost_worker_node(cluster, pg_url, tmp_path):
 
     study = check_records(pg_url, "packing", n)
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    # Ray spread the trials over both GPU workers by their requests (never on the GPU-less head).
+    first = {t.user_attrs["placements"][0]["node_id"] for t in study.trials}
+    assert first <= workers_before | cluster.workers() and len(first & workers_before) == 2
     rows = {r["number"]: r for r in stored_trials(pg_url, "packing")}
     store = Store(pg_url, create=False)
     try:

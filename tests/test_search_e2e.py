@@ -163,3 +163,51 @@ def test_resume_after_killed_driver_and_second_driver_refused(tmp_path, ray_sess
         assert sum(r["counted"] for r in rows) == 4
     finally:
         store.dispose()
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    """SIGINT to a running driver: it stops, the trial it was running ends FAIL (not counted),
+    nothing stays RUNNING and the lease is released, so a relaunch can go on at once."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    data = tiny_spec("ctrlc", url, tmp_path, budget={"num_trials": 6, "max_concurrent": 1})
+    data["base"].update(epochs=6, batch_size=16)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    log = tmp_path / "driver.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from qsearch.cli import entry; entry()", "launch",
+         str(spec_file), "--quiet", "--num-cpus", "1"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"), start_new_session=True)
+    try:
+        def running():
+            if not Path(tmp_path / "q.db").exists():
+                return False
+            st = Store(url, create=False)
+            try:
+                if not st.has_schema() or st.get_study("ctrlc") is None:
+                    return False
+                return any(r["state"] == "RUNNING" and r["epochs_completed"] >= 1
+                           for r in queries.trials(st, "ctrlc"))
+            finally:
+                st.dispose()
+
+        _wait_for(running, 240, "a running trial")
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert rc in (0, 130), log.read_text()[-3000:]
+    trials = optuna.load_study(study_name="ctrlc", storage=url).trials
+    assert trials and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert len(trials) < 6, "the driver should have stopped before the budget"
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted and all(not t.user_attrs["qsearch_counted"] for t in interrupted)
+    store = Store(url, create=False)
+    try:
+        assert not [r for r in queries.trials(store, "ctrlc") if r["state"] == "RUNNING"]
+        st = queries.list_studies(store)[0]
+        assert st["status"] == "stopped" and st["lease_host"] is None
+    finally:
+        store.dispose()
