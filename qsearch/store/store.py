@@ -148,9 +148,13 @@ def is_transient(exc: BaseException) -> bool:
     cause = exc if isinstance(exc, SQLAlchemyError) else exc.__cause__
     if isinstance(cause, DBAPIError) and cause.connection_invalidated:
         return True
-    if isinstance(cause, (OperationalError, InterfaceError)):
-        return True  # connection lost/refused, server shutting down, SQLite busy
-    return False
+    if isinstance(cause, OperationalError):
+        if type(cause.orig).__module__.startswith("sqlite3"):
+            # SQLite reports most errors (a missing table, bad SQL) as OperationalError too;
+            # only a held lock is worth waiting for.
+            return any(w in str(cause.orig).lower() for w in ("locked", "busy"))
+        return True  # connection lost/refused, server shutting down, failover
+    return isinstance(cause, InterfaceError)
 
 
 def with_retries(what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
@@ -184,8 +188,10 @@ class Store:
     """Access to qsearch's tables at one SQLAlchemy URL (SQLite file or PostgreSQL).
 
     Every public method is one transaction and is retried as a whole on transient errors
-    (:func:`is_transient`); the writes are idempotent or compare-and-swap, so a retry after an
-    ambiguous failure does no harm."""
+    (:func:`is_transient`). An error before the commit rolls everything back, so the retry
+    starts clean; after an ambiguous commit (the connection died during COMMIT) the repeat is
+    harmless for the idempotent writes (trial rows, epochs, lease compare-and-swap) and at
+    worst adds one retry count or one duplicate Pareto snapshot."""
 
     def __init__(self, url: str, *, create: bool = True, retries: int | None = None):
         """``retries``: how often a transient error is retried (default ``QSEARCH_DB_RETRIES``);
