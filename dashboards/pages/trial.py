@@ -34,7 +34,8 @@ def header(view: data.TrialView) -> list[Any]:
              c.stat("backward cost", t.get("backward_cost")), c.stat("forward BOPs", t.get("bops")),
              c.stat("epochs", f"{t.get('epochs_completed') or 0} / {t.get('max_epochs') or '?'}"),
              c.stat("ended", t.get("detail") or "–"), c.stat("started", c.fmt(t.get("started_at"))),
-             c.stat("finished", c.fmt(t.get("finished_at")))]
+             c.stat("finished", c.fmt(t.get("finished_at"))), c.stat("retries", t.get("retries") or 0),
+             c.stat("ran on", _where(t.get("placement")))]
     out: list[Any] = [
         html.Div([html.H2(f"Trial #{t['number']}"), c.badge(t["state"]), *tags,
                   c.live_note(running, REFRESH_MS)], className="page-title"),
@@ -42,6 +43,14 @@ def header(view: data.TrialView) -> list[Any]:
     if t.get("error"):
         out.append(html.Pre(t["error"], className="error-box"))
     return out
+
+
+def _where(placement: dict[str, Any] | None) -> str:
+    """The latest attempt's Ray node (short id), GPU ids and torch device."""
+    if not placement:
+        return "–"
+    gpus = ",".join(placement.get("gpu_ids") or []) or "none"
+    return f"node {str(placement.get('node_id', '?'))[:8]} · GPU {gpus} · {placement.get('device')}"
 
 
 def _config_text(view: data.TrialView) -> str:

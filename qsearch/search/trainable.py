@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from qsearch.errors import TrialError
 from qsearch.search.searcher import TRIAL_KEY
 
 WEIGHTS_FILE = "model.pt"

@@ -5,8 +5,8 @@ the read-only functions the CLI, export and dashboards use.
 """
 
 from qsearch.store import queries
-from qsearch.store.schema import SCHEMA_VERSION
 from qsearch.store.optuna_storage import RetryingRDBStorage, optuna_storage
+from qsearch.store.schema import SCHEMA_VERSION
 from qsearch.store.store import LeaseError, Store, StudyRecord, mask_url, utcnow, with_retries
 
 __all__ = ["SCHEMA_VERSION", "LeaseError", "RetryingRDBStorage", "Store", "StudyRecord",
