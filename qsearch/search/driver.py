@@ -92,6 +92,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
         return
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing
+    # Every epoch checkpoint (num_to_keep=1) forces a Tune experiment snapshot; qsearch resumes
+    # studies from Optuna, not from those snapshots, so their "excessive sync" warning is noise.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Without Tune's file loggers, its end-of-run analysis warns that result.json is absent.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -96,6 +97,7 @@ def run_trial(params: dict[str, Any], *, study: str, base: dict[str, Any], cpus:
     params = dict(params)
     number = int(params.pop(TRIAL_KEY))
     torch.set_num_threads(max(1, math.floor(cpus)))
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per epoch checkpoint
     if cache_dir:  # absolute: Tune runs each trial in its own working directory
         os.environ["QSEARCH_CACHE"] = cache_dir
 

@@ -11,6 +11,7 @@ so drivers starting together on an empty database do not race.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -27,26 +28,43 @@ class RetryingRDBStorage(RDBStorage):
     A call is one Optuna session (one transaction), so a retry repeats all of it."""
 
 
+#: Private RDBStorage methods that Optuna's ``_CachedStorage`` (which wraps every RDB storage
+#: a study uses) calls directly; they are database sessions too.
+_CACHED_STORAGE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials",
+                         "_get_best_trial_id", "_get_stale_trial_ids")
+_outermost = threading.local()
+
+
 def _retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return with_retries(f"optuna storage {name}", lambda: method(self, *args, **kwargs))
+        if getattr(_outermost, "active", False):  # a storage call inside a retried one
+            return method(self, *args, **kwargs)
+        _outermost.active = True
+        try:
+            return with_retries(f"optuna storage {name}", lambda: method(self, *args, **kwargs))
+        finally:
+            _outermost.active = False
 
     return call
 
 
-for _name, _member in vars(BaseStorage).items():
-    if not _name.startswith("_") and callable(_member) and hasattr(RDBStorage, _name):
+for _name in [n for n, m in vars(BaseStorage).items() if not n.startswith("_") and callable(m)] \
+        + list(_CACHED_STORAGE_CALLS):
+    if callable(getattr(RDBStorage, _name, None)):
         setattr(RetryingRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
 
 
 def optuna_storage(store: Store) -> RetryingRDBStorage:
     """The Optuna storage for ``store``'s database (creating Optuna's tables if needed)."""
     kwargs = engine_kwargs(store.engine.dialect.name)
-    try:
+
+    def open_storage() -> RetryingRDBStorage:
         with store.schema_lock():
-            return with_retries("open Optuna storage", lambda: RetryingRDBStorage(
-                store.sqlalchemy_url, engine_kwargs=dict(kwargs)))
+            return RetryingRDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs))
+
+    try:
+        return with_retries("open Optuna storage", open_storage, store.retries)
     except (SQLAlchemyError, RuntimeError, optuna.exceptions.StorageInternalError) as e:
         raise StorageError(f"Optuna storage at {store.masked_url} failed: "
                            f"{str(e).splitlines()[0]}") from e

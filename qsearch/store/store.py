@@ -246,8 +246,12 @@ class Store:
             try:
                 yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
-                conn.commit()
+                try:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+                    conn.commit()
+                except DBAPIError as e:  # the session died, and its lock with it
+                    log.debug("schema lock connection lost before unlock: %s", e)
+                    conn.invalidate()
 
     @retried
     def ensure_schema(self) -> None:
