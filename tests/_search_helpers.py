@@ -9,11 +9,16 @@ where that is a failure.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 PG_ADMIN = os.environ.get("QSEARCH_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=test")
 
@@ -84,3 +89,52 @@ def tiny_spec(name: str, storage: str, tmp_path: Path, **over: Any) -> dict[str,
     }
     spec.update(over)
     return spec
+
+
+def start_driver(spec: dict[str, Any], tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
+    """``qsearch launch SPEC --quiet ARGS`` as its own process group (so a test can kill it
+    with the local Ray it starts); returns the process and its stderr log."""
+    path = tmp_path / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    log = tmp_path / f"{spec['name']}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from qsearch.cli import entry; entry()", "launch", str(path),
+             "--quiet", *args],
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return proc, log
+
+
+def stored_trials(url: str, study: str) -> list[dict[str, Any]]:
+    """The study's trial rows, or [] while the driver has not created them yet."""
+    from sqlalchemy.engine import make_url
+
+    from qsearch.store import Store, queries
+
+    db = make_url(url).database
+    if make_url(url).get_backend_name() == "sqlite" and not (db and Path(db).exists()):
+        return []  # do not create the file before the driver does
+    store = Store(url, create=False)
+    try:
+        if not store.has_schema() or store.get_study(study) is None:
+            return []
+        return queries.trials(store, study)
+    finally:
+        store.dispose()
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str,
+             proc: subprocess.Popen | None = None, log: Path | None = None) -> Any:
+    """Poll ``cond`` until it returns something truthy (which is returned); fail on timeout or
+    when ``proc`` (the driver being watched) ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"the driver ended while waiting for {what}:\n{tail}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -24,13 +24,12 @@ from typing import Any
 import optuna
 import psycopg
 import pytest
-import yaml
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
 from qsearch.store import Store, queries
 
-from _search_helpers import PG_ADMIN, tiny_spec
+from _search_helpers import PG_ADMIN, start_driver, stored_trials, tiny_spec, wait_for
 
 pytest_plugins = ["_search_helpers"]  # fixtures: pg_url
 
@@ -122,14 +121,7 @@ class Driver:
 
     def __init__(self, spec: dict[str, Any], tmp_path: Path, address: str):
         self.name = spec["name"]
-        path = tmp_path / f"{self.name}.yaml"
-        path.write_text(yaml.safe_dump(spec))
-        self.log = tmp_path / f"{self.name}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from qsearch.cli import entry; entry()", "launch", str(path),
-             "--ray-address", address, "--quiet"],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc, self.log = start_driver(spec, tmp_path, "--ray-address", address)
 
     def running(self) -> bool:
         return self.proc.poll() is None
@@ -148,28 +140,6 @@ class Driver:
     def kill(self) -> None:
         if self.running():
             os.killpg(self.proc.pid, signal.SIGKILL)
-
-
-def stored_trials(url: str, study: str) -> list[dict[str, Any]]:
-    store = Store(url, create=False)
-    try:
-        if not store.has_schema() or store.get_study(study) is None:
-            return []
-        return queries.trials(store, study)
-    finally:
-        store.dispose()
-
-
-def wait_for(cond, timeout: float, what: str, driver: Driver | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        if driver is not None and not driver.running():
-            raise AssertionError(f"driver ended while waiting for {what}:\n{driver.tail()}")
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def check_records(url: str, study_name: str, num_trials: int) -> optuna.Study:
@@ -224,7 +194,8 @@ def test_gpu_packing_and_a_lost_worker_node(cluster, pg_url, tmp_path):
             shared = [slot for slot, k in slots.items() if k >= 2]
             return (running, shared[0]) if shared else None
 
-        running, (node, gpus) = wait_for(packed, 300, "two trials sharing one GPU", driver)
+        running, (node, gpus) = wait_for(packed, 300, "two trials sharing one GPU",
+                                           driver.proc, driver.log)
         assert node in cluster.workers() and len(gpus) == 1
         victims = {r["number"] for r in running if r["placement"]["node_id"] == node}
         assert len(victims) == 2
@@ -279,7 +250,7 @@ def test_killed_trial_process_is_retried_then_fails(cluster, tmp_path):
                     return pid
             return None
 
-        pid = wait_for(target, 300, f"trial {number} running", driver)
+        pid = wait_for(target, 300, f"trial {number} running", driver.proc, driver.log)
         os.kill(pid, signal.SIGKILL)
         killed[number].append(pid)
 

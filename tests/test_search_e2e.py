@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from qsearch.search import launch
 from qsearch.store import LeaseError, Store, queries
 from qsearch.study import parse_study_spec
 
-from _search_helpers import tiny_spec
+from _search_helpers import start_driver, stored_trials, tiny_spec, wait_for
 
 pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
 
@@ -93,40 +88,16 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
     assert again.counted == 6 and len(optuna.load_study(study_name="e2e", storage=db_url).trials) == 6
 
 
-def _wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_resume_after_killed_driver_and_second_driver_refused(tmp_path, ray_session):
     url = f"sqlite:///{tmp_path / 'q.db'}"
     data = tiny_spec("resume", url, tmp_path, budget={"num_trials": 4, "max_concurrent": 1})
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from qsearch.cli import entry; entry()", "launch",
-         str(spec_file), "--quiet", "--num-cpus", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "driver.log", "w"),
-        start_new_session=True)
+    proc, log = start_driver(data, tmp_path, "--num-cpus", "1")
     try:
         def progress():
-            if not Path(tmp_path / "q.db").exists():
-                return False
-            st = Store(url, create=False)
-            try:
-                if not st.has_schema() or st.get_study("resume") is None:
-                    return False
-                states = [r["state"] for r in queries.trials(st, "resume")]
-            finally:
-                st.dispose()
+            states = [r["state"] for r in stored_trials(url, "resume")]
             return states.count("COMPLETE") >= 1 and "RUNNING" in states
 
-        _wait_for(progress, 240, "the first driver to finish a trial")
+        wait_for(progress, 240, "the first driver to finish a trial", proc, log)
         # A second driver on the live study is refused, naming the holder.
         with pytest.raises(LeaseError, match=rf"pid {proc.pid}"):
             launch(parse_study_spec(data), display=False)
@@ -171,28 +142,11 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     url = f"sqlite:///{tmp_path / 'q.db'}"
     data = tiny_spec("ctrlc", url, tmp_path, budget={"num_trials": 6, "max_concurrent": 1})
     data["base"].update(epochs=6, batch_size=16)
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(data))
-    log = tmp_path / "driver.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from qsearch.cli import entry; entry()", "launch",
-         str(spec_file), "--quiet", "--num-cpus", "1"],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-        stderr=open(log, "w"), start_new_session=True)
+    proc, log = start_driver(data, tmp_path, "--num-cpus", "1")
     try:
-        def running():
-            if not Path(tmp_path / "q.db").exists():
-                return False
-            st = Store(url, create=False)
-            try:
-                if not st.has_schema() or st.get_study("ctrlc") is None:
-                    return False
-                return any(r["state"] == "RUNNING" and r["epochs_completed"] >= 1
-                           for r in queries.trials(st, "ctrlc"))
-            finally:
-                st.dispose()
-
-        _wait_for(running, 240, "a running trial")
+        wait_for(lambda: any(r["state"] == "RUNNING" and r["epochs_completed"] >= 1
+                             for r in stored_trials(url, "ctrlc")),
+                 240, "a running trial", proc, log)
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=180)
     finally:

@@ -206,7 +206,8 @@ class BlockReplacement(Method):
                 loss: torch.Tensor, hidden: list[torch.Tensor]) -> BranchLosses:
         """The BWRF loss from the step's quantized logits and captured block outputs."""
         cfg = self.config
-        assert self.fp_model is not None  # noqa: S101 - set by attach()
+        if self.fp_model is None:
+            raise RuntimeError("block replacement: compute() before attach() set the FP partner")
         if self.fp_model.training:  # someone called .train() on the model tree: undo it
             self.fp_model.eval()
         total, kd_q = loss, None

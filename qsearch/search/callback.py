@@ -65,28 +65,25 @@ class StoreCallback(Callback):
         self.store, self.study_id, self.spec, self.searcher = store, study_id, spec, searcher
         self.on_event = on_event or (lambda *_: None)
         self.max_epochs = spec.max_epochs()
-        self._placements: dict[str, str] = {}  # Tune trial id -> last placement recorded
         self._history: dict[str, list[dict[str, Any]]] = {}  # Tune trial id -> attempts
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its run config (for Tune-level restore, which qsearch does not use:
         a study resumes from its Optuna storage); the live DB handle does not travel."""
-        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_placements": {},
-                "_history": {}}
+        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_history": {}}
 
     # -------------------------------------------------------------- helpers
     def _record_placement(self, trial: Any, number: int, encoded: Any) -> None:
-        """Store where the trial's current attempt runs, once per attempt."""
-        if not encoded or self._placements.get(trial.trial_id) == encoded:
+        """Store where the trial's current attempt runs, once per attempt (an attempt is a
+        new worker process, so its pid differs from the previous one's)."""
+        if not encoded:
             return
-        self._placements[trial.trial_id] = encoded
-        try:
-            where = json.loads(encoded)
-        except (TypeError, ValueError):
-            return
-        self.store.set_placement(self.study_id, number, where)
+        where = json.loads(encoded)
         history = self._history.setdefault(trial.trial_id, [])
+        if history and history[-1] == where:
+            return
         history.append(where)
+        self.store.set_placement(self.study_id, number, where)
         ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
         if ot is not None:
             ot.set_user_attr("placements", history)  # one entry per attempt
@@ -162,7 +159,6 @@ class StoreCallback(Callback):
         message = trial_error_message(trial)
         log.warning("trial %s failed (%s); restart %d of at most %d from its last checkpoint",
                     number, message, retries, self.spec.failure.max_failures)
-        self._placements.pop(trial.trial_id, None)
         self.on_event("retry", number, {"retries": retries, "error": message})
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

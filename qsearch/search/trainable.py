@@ -118,24 +118,25 @@ def run_trial(params: dict[str, Any], *, study: str, base: dict[str, Any], cpus:
     try:
         restored = _restore_checkpoint(local)
         held: list[dict[str, Any]] = []
-        last_epoch = [0]
-        resumed_from: list[int] = []  # the epoch this attempt started from (0: fresh)
+        last_epoch = 0
+        resumed_from: int | None = None  # the epoch this attempt started from (0: fresh)
 
         def report(metrics: dict[str, Any]) -> None:
-            last_epoch[0] = int(metrics["epoch"])
-            if not resumed_from:
-                resumed_from.append(last_epoch[0] - 1 if restored else 0)
-            if last_epoch[0] >= cfg.epochs:
+            nonlocal last_epoch, resumed_from
+            last_epoch = int(metrics["epoch"])
+            if resumed_from is None:
+                resumed_from = last_epoch - 1 if restored else 0
+            if last_epoch >= cfg.epochs:
                 held.append(metrics)  # sent below, with the layer records
                 return
             out = _scalar_metrics(metrics)
-            out.update(resumed_from_epoch=resumed_from[0], qsearch_placement=json.dumps(where))
+            out.update(resumed_from_epoch=resumed_from, qsearch_placement=json.dumps(where))
             tune.report(out, checkpoint=tune.Checkpoint.from_directory(str(local)))
 
         try:
             result = train(cfg, report=report, checkpoint_dir=local)
         except Exception as e:  # noqa: BLE001 - one clear line reaches the study
-            return fail(f"{type(e).__name__}: {e}", epochs=last_epoch[0])
+            return fail(f"{type(e).__name__}: {e}", epochs=last_epoch)
 
         out_dir = trial_dir(artifacts_dir, study, number)
         weights = out_dir / WEIGHTS_FILE
@@ -145,7 +146,7 @@ def run_trial(params: dict[str, Any], *, study: str, base: dict[str, Any], cpus:
                            "config": cfg.model_dump(mode="json")}, weights)
         final = _scalar_metrics(held[-1] if held else result.metrics)
         final.update(qsearch_done=True, qsearch_weights=str(weights),
-                     resumed_from_epoch=resumed_from[0] if resumed_from else cfg.epochs,
+                     resumed_from_epoch=cfg.epochs if resumed_from is None else resumed_from,
                      qsearch_layers=[row.as_dict() for row in result.layers],
                      qsearch_weight_bits=dict(result.weight_bits),
                      qsearch_placement=json.dumps(where))

@@ -149,7 +149,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train_epoch(self, ctx: TrainContext, epoch: int) -> float:
         model, opt = ctx.model, ctx.optimizer
-        assert opt is not None  # noqa: S101 - set by setup()
+        if opt is None:
+            raise RuntimeError("Trainer.train_epoch() needs the context from Trainer.setup()")
         model.train()
         total, count = 0.0, 0
         for x, y in ctx.batches(epoch):
