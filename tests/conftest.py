@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+# Database, Ray and study-spec fixtures (db_url, pg_url, ray_session) shared by the search tests.
+pytest_plugins = ["_search_helpers"]
+
 # Every test run gets its own warm-start cache, so nothing leaks between runs or into ~/.cache.
 _CACHE = os.environ.setdefault(
     "QSEARCH_CACHE", os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qsearch-test-cache-{os.getpid()}")

@@ -31,7 +31,6 @@ from qsearch.store import Store, queries
 
 from _search_helpers import PG_ADMIN, start_driver, stored_trials, tiny_spec, wait_for
 
-pytest_plugins = ["_search_helpers"]  # fixtures: pg_url
 
 HERE = Path(__file__).parent
 EPOCHS = 6

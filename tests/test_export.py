@@ -16,7 +16,6 @@ from qsearch.study import parse_study_spec
 
 from _search_helpers import tiny_spec
 
-pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from qsearch.study import parse_study_spec
 
 from _search_helpers import start_driver, stored_trials, tiny_spec, wait_for
 
-pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
 
 
 BROKEN_CACHE = "/dev/null/qsearch-cache"  # mkdir fails: a config that raises in the worker

@@ -15,7 +15,6 @@ from qsearch.errors import StorageError
 from qsearch.store import LeaseError, Store, queries, utcnow
 from qsearch.store import schema as s
 
-pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
 
 
 def _study(store, name="st"):
@@ -184,6 +183,23 @@ def test_transient_error_is_retried_on_a_fresh_connection(pg_url):
     finally:
         admin.close()
         store.dispose()
+
+
+def test_half_created_schema_is_not_reported_as_present(db_url):
+    """A reader polling while a driver creates the schema (pysqlite commits each CREATE TABLE
+    on its own) must not take the version table alone for a usable store."""
+    eng = create_engine(db_url)
+    try:
+        s.schema_version.create(eng)
+        half = Store(db_url, create=False)
+        try:
+            assert half.has_schema() is False
+            half.ensure_schema()
+            assert half.has_schema() is True and half.get_study("none") is None
+        finally:
+            half.dispose()
+    finally:
+        eng.dispose()
 
 
 def test_v1_schema_is_upgraded_in_place(db_url):

@@ -12,7 +12,6 @@ from qsearch.errors import ConfigError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
 from qsearch.study import load_study_spec, parse_study_spec
 
-pytest_plugins = ["_search_helpers"]  # fixtures: db_url, pg_url, ray_session
 
 
 ROOT = Path(__file__).resolve().parents[1]

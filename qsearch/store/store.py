@@ -307,8 +307,14 @@ class Store:
 
     @retried
     def has_schema(self) -> bool:
+        """Whether the qsearch tables are all there. The version row is written last, after
+        every table, so its presence (not the table's) is the test: pysqlite commits each
+        CREATE TABLE on its own, and a reader polling a database that a driver is creating
+        could otherwise see the version table before the studies table."""
         with self.tx("inspect schema") as conn:
-            return inspect(conn).has_table(s.schema_version.name)
+            if not inspect(conn).has_table(s.schema_version.name):
+                return False
+            return conn.execute(select(s.schema_version.c.version)).first() is not None
 
     # ------------------------------------------------------------------ studies
     @retried
