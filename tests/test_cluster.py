@@ -24,13 +24,11 @@ from typing import Any
 import optuna
 import psycopg
 import pytest
+from _search_helpers import PG_ADMIN, start_driver, stored_trials, tiny_spec, wait_for
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
 from qsearch.store import Store, queries
-
-from _search_helpers import PG_ADMIN, start_driver, stored_trials, tiny_spec, wait_for
-
 
 HERE = Path(__file__).parent
 EPOCHS = 6

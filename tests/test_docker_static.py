@@ -17,8 +17,9 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -142,7 +143,7 @@ def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def repo_path_for(ref: str) -> Path:
     """A path as the docs/manifests write it (repo-relative or inside the image) -> repo file."""
-    return ROOT / (ref[len(IMAGE_ROOT):] if ref.startswith(IMAGE_ROOT) else ref)
+    return ROOT / (ref.removeprefix(IMAGE_ROOT))
 
 
 def free_port() -> int:
@@ -177,14 +178,14 @@ def test_every_ignored_hadolint_rule_is_explained_inline() -> None:
 
 def test_dockerfile_pins_base_runs_non_root_and_keeps_torch() -> None:
     text = DOCKERFILE.read_text()
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.MULTILINE)
     assert base, "BASE_IMAGE default missing"
     _repo, _, tag = base.group(1).partition(":")
     assert tag and tag != "latest" and "cuda" in tag, f"pin a CUDA base tag, got {base.group(1)}"
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
-    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.MULTILINE)
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "last USER must be non-root"
-    assert re.search(r"^HEALTHCHECK ", text, re.M)
+    assert re.search(r"^HEALTHCHECK ", text, re.MULTILINE)
     install = re.search(r"pip install(?:[^\n\\]|\\\n)*", text)
     assert install and ".[postgres,dashboard]" in install.group(0)
     assert "-c /tmp/keep-torch.txt" in install.group(0), "torch/torchvision must stay pinned"
@@ -195,7 +196,7 @@ def test_copy_sources_exist_and_are_not_dockerignored() -> None:
     text = DOCKERFILE.read_text()
     allowed = [p[1:].rstrip("*").rstrip("/") for p in
                (DOCKER / "Dockerfile.dockerignore").read_text().split() if p.startswith("!")]
-    for m in re.finditer(r"^COPY\s+(?:--\S+\s+)*(.+)$", text, re.M):
+    for m in re.finditer(r"^COPY\s+(?:--\S+\s+)*(.+)$", text, re.MULTILINE):
         *sources, _dest = m.group(1).split()
         for src in sources:
             assert (ROOT / src).exists(), f"COPY {src}: no such file in the repository"
@@ -204,7 +205,8 @@ def test_copy_sources_exist_and_are_not_dockerignored() -> None:
 
 
 def test_ray_version_is_the_same_in_image_and_kuberay() -> None:
-    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)", DOCKERFILE.read_text(), re.M).group(1)
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)", DOCKERFILE.read_text(),
+                            re.MULTILINE).group(1)
     assert k8s_one("RayCluster")["spec"]["rayVersion"] == ray_version
 
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+from _search_helpers import tiny_spec
 
 from qsearch.cli import main
 from qsearch.errors import ConfigError
@@ -13,9 +14,6 @@ from qsearch.export import evaluate_export, export_trial, load_export, select_tr
 from qsearch.search import launch
 from qsearch.store import Store, queries
 from qsearch.study import parse_study_spec
-
-from _search_helpers import tiny_spec
-
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +90,13 @@ def test_cli_export_and_eval(finished_study, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"format": "something-else"}))
     assert main(["eval", str(bad)]) == 2
+
+
+@pytest.mark.parametrize("command", [["studies"], ["pareto", "exp"], ["export", "exp", "-o", "x.json"]])
+def test_read_commands_on_a_missing_sqlite_file_fail_without_creating_it(tmp_path, capsys,
+                                                                         command):
+    missing = tmp_path / "nowhere.db"
+    assert main([*command, "--storage", f"sqlite:///{missing}"]) == 2
+    err = capsys.readouterr().err
+    assert "storage" in err and str(missing) in err and "--storage" in err
+    assert not missing.exists()

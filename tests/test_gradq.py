@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _resume import assert_resume_is_bit_identical
 
 from qsearch.cost import compute_cost, extra_param_count
 from qsearch.errors import ConfigError
@@ -18,7 +19,6 @@ from qsearch.quant.functional import BackwardOptions
 from qsearch.train import train
 from qsearch.train.trainer import Trainer
 
-TIMING = ("epoch_s", "wall_s")
 #: Relative error ||dW_8 - dW_32|| / ||dW_32|| per layer (and of the network's input gradient)
 #: measured on tiny-cnn/digits W4A4, warm-started, batch 64, 10 draws: per-tensor 0.018-0.087,
 #: sample/channel 0.008-0.039 (6 bits: 0.07-0.33 / 0.03-0.13). Bounds with margin:
@@ -113,7 +113,7 @@ def test_granularity_rows_for_dx_columns_for_dw():
     dx, dw = grad_transforms(4, "sample/channel", channel_dim=1)
     tensor_dx, tensor_dw = grad_transforms(4, "tensor", channel_dim=1)
     assert tensor_dx is tensor_dw  # one quantization shared by both GEMMs
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    rel = lambda a, b: float((a - b).norm() / b.norm())
     torch.manual_seed(0)
     assert rel(dx(g)[1], g[1]) < 0.3 and rel(tensor_dx(g)[1], g[1]) > 0.9
     gc = torch.randn(4, 8, 5, 5)
@@ -308,24 +308,7 @@ def test_resume_with_hypernet_is_bit_identical(tiny_config, tmp_path):
     cfg = tiny_config(epochs=2, methods={"gradq": {"enabled": True, "bits": 4,
                                                    "granularity": "sample/channel",
                                                    "hypernet": {"enabled": True}}})
-    full = train(cfg)
-
-    class Stop(Exception):
-        pass
-
-    def stop(m):
-        if m["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, report=stop, checkpoint_dir=tmp_path)
-    resumed = train(cfg, checkpoint_dir=tmp_path)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    for ha, hb in zip(full.history, resumed.history, strict=True):
-        assert {k: v for k, v in ha.items() if k not in TIMING} == \
-            {k: v for k, v in hb.items() if k not in TIMING}
+    assert_resume_is_bit_identical(cfg, tmp_path)
 
 
 def test_composes_with_lts_and_tr(tiny_config):

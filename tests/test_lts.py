@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _resume import assert_resume_is_bit_identical
 from torch.utils.flop_counter import FlopCounterMode
 
 from qsearch.errors import ConfigError
@@ -16,9 +17,6 @@ from qsearch.quant import functional
 from qsearch.quant.functional import BackwardOptions
 from qsearch.train import train
 from qsearch.train.trainer import Trainer
-
-TIMING = ("epoch_s", "wall_s")
-
 
 # ----------------------------------------------------------------------------- exact rules
 
@@ -188,25 +186,8 @@ def test_fully_frozen_layers_skip_weight_gradient(tiny_config):
 ], ids=["lts", "lts+tr"])
 def test_resume_is_bit_identical(tiny_config, tmp_path, methods):
     cfg = tiny_config(epochs=4, w_bits=2, a_bits=2, methods=methods)
-    full = train(cfg)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_2(m):
-        if m["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, report=stop_after_2, checkpoint_dir=tmp_path)
-    resumed = train(cfg, checkpoint_dir=tmp_path)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys() and "stage2.0.0.lts_frozen" in a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    for ha, hb in zip(full.history, resumed.history, strict=True):
-        assert {k: v for k, v in ha.items() if k not in TIMING} == \
-            {k: v for k, v in hb.items() if k not in TIMING}
+    full, _ = assert_resume_is_bit_identical(cfg, tmp_path, stop_epoch=2)
+    assert "stage2.0.0.lts_frozen" in full.model.state_dict()
     assert full.metrics["lts.updates_eliminated"] > 0.3
 
 

@@ -11,15 +11,12 @@ import signal
 
 import optuna
 import pytest
+from _search_helpers import start_driver, stored_trials, tiny_spec, wait_for
 from optuna.trial import TrialState
 
 from qsearch.search import launch
 from qsearch.store import LeaseError, Store, queries
 from qsearch.study import parse_study_spec
-
-from _search_helpers import start_driver, stored_trials, tiny_spec, wait_for
-
-
 
 BROKEN_CACHE = "/dev/null/qsearch-cache"  # mkdir fails: a config that raises in the worker
 

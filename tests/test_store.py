@@ -16,7 +16,6 @@ from qsearch.store import LeaseError, Store, queries, utcnow
 from qsearch.store import schema as s
 
 
-
 def _study(store, name="st"):
     rec, created = store.create_or_get_study(
         name, spec_yaml="name: st\n", spec_hash="h" * 64, search_hash="g" * 64,
@@ -151,8 +150,8 @@ def test_transient_error_is_retried_on_a_fresh_connection(pg_url):
     """The server kills the connection in the middle of a transaction: the whole
     transaction is retried on a new connection; a real error is not retried."""
     import psycopg
-
     from _search_helpers import PG_ADMIN
+
     from qsearch.store import with_retries
 
     store = Store(pg_url)

@@ -12,8 +12,6 @@ from qsearch.errors import ConfigError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
 from qsearch.study import load_study_spec, parse_study_spec
 
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +34,7 @@ def test_good_spec_builds_configs_and_search_objects():
     dists = optuna_space(spec)
     assert dists["lr"].log and dists["first_bits"].high == 8
     assert type(build_sampler(spec)).__name__ == "NSGAIISampler"
-    assert build_scheduler(spec)._max_t == 3  # noqa: SLF001
+    assert build_scheduler(spec)._max_t == 3
     assert spec.spec_hash() == parse_study_spec(good(scheduler={"type": "asha", "grace_period": 1})).spec_hash()
 
 

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from _resume import assert_resume_is_bit_identical
 
 from qsearch.errors import ConfigError
 from qsearch.methods.tr import TR, count_transitions, talr_update, target_rate
 from qsearch.train import train
 from qsearch.train.trainer import Trainer
-
-TIMING = ("epoch_s", "wall_s")
 
 
 @pytest.mark.parametrize(("schedule", "epoch", "expect"), [
@@ -108,24 +107,7 @@ def test_digits_measured_rate_tracks_target(tiny_config, opt):
 def test_tr_resume_is_bit_identical(tiny_config, tmp_path):
     cfg = tiny_config(epochs=3, optimizer="adam", lr=1e-3,
                       methods={"tr": {"enabled": True, "scope": "global", "momentum": 0.9}})
-    full = train(cfg)
-
-    class Stop(Exception):
-        pass
-
-    def stop(m):
-        if m["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, report=stop, checkpoint_dir=tmp_path)
-    resumed = train(cfg, checkpoint_dir=tmp_path)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    for ha, hb in zip(full.history, resumed.history, strict=True):
-        assert {k: v for k, v in ha.items() if k not in TIMING} == \
-            {k: v for k, v in hb.items() if k not in TIMING}
+    assert_resume_is_bit_identical(cfg, tmp_path)
 
 
 def test_frozen_weights_do_not_transition(tiny_config):

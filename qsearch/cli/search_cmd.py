@@ -18,6 +18,7 @@ from rich.table import Table
 
 from qsearch.cli import app, console
 from qsearch.errors import ConfigError
+from qsearch.search.display import format_value
 
 StorageOpt = Annotated[Optional[str], typer.Option(
     "--storage", help="database URL (default $QSEARCH_STORAGE or sqlite:///qsearch.db)")]
@@ -27,17 +28,29 @@ def _store(url: str | None, create: bool = False) -> Any:
     from qsearch.store import Store
     from qsearch.study import DEFAULT_STORAGE
 
+    url = url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE
+    if not create:
+        _require_sqlite_file(url)
     # One-shot commands: a wrong or unreachable URL should fail fast, not after back-offs.
-    return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create,
-                 retries=1)
+    return Store(url, create=create, retries=1)
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+def _require_sqlite_file(url: str) -> None:
+    """A read-only command on a SQLite file that does not exist would silently create an
+    empty one (and then report no studies): name the path and the fix instead."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return  # Store reports the malformed URL
+    db = parsed.database
+    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" \
+            and not db.startswith("file:") and not os.path.exists(db):
+        raise ConfigError("storage", f"no qsearch database at {os.path.abspath(db)}; launch a "
+                          "study there first, or pass --storage / set $QSEARCH_STORAGE to the "
+                          "study's database URL")
 
 
 @app.command()
@@ -97,10 +110,10 @@ def status(study: Annotated[str, typer.Argument(help="study name")], storage: St
               "detail / params"):
         t.add_column(c)
     for r in queries.trials(store, study):
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in (r["params"] or {}).items())
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in (r["params"] or {}).items())
         t.add_row(str(r["number"]), r["state"], f"{r['epochs_completed']}/{r['max_epochs'] or ''}",
                   str(r.get("retries") or 0),
-                  _fmt(r["accuracy"]), _fmt(r["size_mb"]), _fmt(r["backward_cost"]),
+                  format_value(r["accuracy"]), format_value(r["size_mb"]), format_value(r["backward_cost"]),
                   "*" if r["number"] in on_front else "",
                   (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:80])
     console.print(t)
@@ -143,7 +156,7 @@ def pareto(
         for c in cols:
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(*(("knee" if r[c] else "") if c == "is_knee" else _fmt(r[c]) for c in cols))
+            t.add_row(*(("knee" if r[c] else "") if c == "is_knee" else format_value(r[c]) for c in cols))
         console.print(t)
 
 

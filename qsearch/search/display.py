@@ -13,7 +13,8 @@ from rich.table import Table
 _STYLE = {"COMPLETE": "green", "PRUNED": "yellow", "FAIL": "red", "RUNNING": "cyan"}
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A table cell: blank for None, 4 significant digits for floats (shared with the CLI)."""
     if v is None:
         return ""
     if isinstance(v, float):
@@ -49,7 +50,7 @@ class LiveDisplay:
     def event(self, kind: str, number: int, data: dict[str, Any]) -> None:
         row = self.rows.setdefault(number, {"state": "RUNNING", "epoch": 0})
         if kind == "start":
-            row["params"] = ", ".join(f"{k}={_fmt(v)}" for k, v in data["params"].items())
+            row["params"] = ", ".join(f"{k}={format_value(v)}" for k, v in data["params"].items())
         elif kind == "epoch":
             row.update({k: data.get(k) for k in ("epoch", "accuracy", "size_mb", "backward_cost")})
         elif kind == "retry":
@@ -71,8 +72,8 @@ class LiveDisplay:
         for n in sorted(self.rows)[-self.max_rows:]:
             r = self.rows[n]
             st = r.get("state", "RUNNING")
-            t.add_row(str(n), f"[{_STYLE.get(st, '')}]{st}[/]", _fmt(r.get("epoch")),
-                      _fmt(r.get("accuracy")), _fmt(r.get("size_mb")),
-                      _fmt(r.get("backward_cost")),
+            t.add_row(str(n), f"[{_STYLE.get(st, '')}]{st}[/]", format_value(r.get("epoch")),
+                      format_value(r.get("accuracy")), format_value(r.get("size_mb")),
+                      format_value(r.get("backward_cost")),
                       (r.get("error") or r.get("params") or "")[:70])
         return Group(t, self.progress)
