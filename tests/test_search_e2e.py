@@ -21,8 +21,6 @@ from qsearch.study import parse_study_spec
 BROKEN_CACHE = "/dev/null/qsearch-cache"  # mkdir fails: a config that raises in the worker
 
 
-
-
 def test_study_end_to_end(db_url, tmp_path, ray_session):
     spec = parse_study_spec(tiny_spec(
         "e2e", db_url, tmp_path,
@@ -161,3 +159,51 @@ def test_ctrl_c_stops_cleanly(tmp_path):
         assert st["status"] == "stopped" and st["lease_host"] is None
     finally:
         store.dispose()
+
+
+@pytest.mark.postgres
+def test_database_gone_for_good_stops_the_study_cleanly_then_it_resumes(pg_url, tmp_path,
+                                                                        monkeypatch):
+    """The database refuses every connection mid-study, past all retries: the driver stops
+    with one clear storage error (exit 2, no traceback) rather than taking it for a trial
+    failure and restarting a trial Optuna already knows; once the database is back, a
+    relaunch finishes the study with every trial recorded once."""
+    import psycopg
+    from _search_helpers import PG_ADMIN
+
+    monkeypatch.setenv("QSEARCH_DB_RETRIES", "2")  # give up within seconds
+    dbname = pg_url.rsplit("/", 1)[1]
+    data = tiny_spec("gone", pg_url, tmp_path, budget={"num_trials": 3, "max_concurrent": 1})
+    data["base"].update(epochs=4)
+    admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    proc, log = start_driver(data, tmp_path, "--num-cpus", "1")
+    try:
+        wait_for(lambda: [r for r in stored_trials(pg_url, "gone") if r["state"] == "COMPLETE"],
+                 240, "a finished trial", proc, log)
+        admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        rc = proc.wait(timeout=180)
+    finally:
+        admin.execute(f'ALTER DATABASE "{dbname}" WITH ALLOW_CONNECTIONS true')
+        admin.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    assert rc == 2, text[-3000:]
+    assert last.startswith("error:") and dbname in last, text[-3000:]
+    assert "Traceback" not in text and "restart" not in text, text[-3000:]
+
+    proc, log = start_driver(data, tmp_path, "--num-cpus", "1")
+    try:
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    trials = optuna.load_study(study_name="gone", storage=pg_url).trials
+    counted = [t for t in trials if t.state.is_finished() and t.user_attrs["qsearch_counted"]]
+    assert len(counted) == 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    rows = stored_trials(pg_url, "gone")
+    assert sorted(r["number"] for r in rows) == sorted(t.number for t in trials)
+    assert {r["number"]: r["state"] for r in rows} == {t.number: t.state.name for t in trials}

@@ -184,6 +184,43 @@ def test_transient_error_is_retried_on_a_fresh_connection(pg_url):
         store.dispose()
 
 
+@pytest.mark.postgres
+def test_queries_are_retried_and_nested_retries_do_not_multiply(pg_url):
+    """The driver reads the front through ``queries`` mid-study: a connection the server
+    kills under a query is retried on a fresh one. A retried query made of retried store
+    calls repeats as a whole, so ``retries`` bounds the attempts, not ``retries`` squared."""
+    import psycopg
+    from _search_helpers import PG_ADMIN
+    from sqlalchemy import event
+
+    store = Store(pg_url)
+    rec, _ = _study(store)
+    admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    kills = {"table": "", "left": 0, "done": 0}
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def kill_own_backend(conn, _cursor, statement, *_args):
+        if f"FROM {kills['table']} " in statement + " " and kills["left"] > 0:
+            kills["left"] -= 1
+            kills["done"] += 1
+            pid = conn.connection.dbapi_connection.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    try:
+        kills.update(table="qsearch_trials", left=1)
+        assert queries.complete_values(store, rec.id) == []
+        assert kills["done"] == 1
+
+        store.retries = 1
+        kills.update(table="qsearch_studies", left=10, done=0)
+        with pytest.raises(StorageError, match="unreachable|refused"):
+            queries.trials(store, "st")  # require_study -> get_study, each retried alone
+        assert kills["done"] == 2  # 1 + 1 retry of the whole query
+    finally:
+        admin.close()
+        store.dispose()
+
+
 def test_half_created_schema_is_not_reported_as_present(db_url):
     """A reader polling while a driver creates the schema (pysqlite commits each CREATE TABLE
     on its own) must not take the version table alone for a usable store."""

@@ -9,6 +9,7 @@ the callback reads it from the trial and hands it to the searcher (:meth:`fail`)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -59,6 +60,27 @@ def trial_error_message(trial: Any) -> str:
     return "trial failed (no error message recorded)"
 
 
+def _deferring_errors(hook: Callable[..., None]) -> Callable[..., None]:
+    """A trial hook whose failure (the database still down after every retry) is kept for
+    :meth:`StoreCallback.on_step_begin`, which stops the study with it.
+
+    Raised here, Tune would treat it as the *trial's* failure: one raised while a trial ends
+    makes Tune restart a trial that Optuna has already been told about, and the sampler and
+    the store would disagree about it."""
+
+    @functools.wraps(hook)
+    def guarded(self: StoreCallback, *args: Any, **kwargs: Any) -> None:
+        if self.failure is not None:
+            return  # the study is stopping; the next launch reconciles the open trials
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - re-raised by on_step_begin
+            log.error("recording a trial event failed; stopping the study: %s", e)
+            self.failure = e
+
+    return guarded
+
+
 class StoreCallback(Callback):
     def __init__(self, store: Store, study_id: int, spec: StudySpec,
                  searcher: QsearchOptunaSearch, on_event: Callable[[str, int, dict], None] | None = None):
@@ -66,11 +88,13 @@ class StoreCallback(Callback):
         self.on_event = on_event or (lambda *_: None)
         self.max_epochs = spec.max_epochs()
         self._history: dict[str, list[dict[str, Any]]] = {}  # Tune trial id -> attempts
+        self.failure: Exception | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Tune pickles its run config (for Tune-level restore, which qsearch does not use:
         a study resumes from its Optuna storage); the live DB handle does not travel."""
-        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_history": {}}
+        return {"study_id": self.study_id, "max_epochs": self.max_epochs, "_history": {},
+                "failure": None}
 
     # -------------------------------------------------------------- helpers
     def _record_placement(self, trial: Any, number: int, encoded: Any) -> None:
@@ -114,6 +138,13 @@ class StoreCallback(Callback):
                                       "epoch": outcome.epochs_completed, "error": outcome.error})
 
     # -------------------------------------------------------------- Tune hooks
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        """Tune's loop step, outside any trial: a recording failure stops the study here
+        (the driver then closes the open trials and releases its lease)."""
+        if self.failure is not None:
+            raise self.failure
+
+    @_deferring_errors
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         number = self._number(trial)
         if number is None:
@@ -126,6 +157,7 @@ class StoreCallback(Callback):
                                  config=config, max_epochs=self.max_epochs)
         self.on_event("start", number, {"params": params})
 
+    @_deferring_errors
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         number = self._number(trial)
@@ -140,6 +172,7 @@ class StoreCallback(Callback):
         self.store.record_epoch(self.study_id, number, metrics)
         self.on_event("epoch", number, metrics)
 
+    @_deferring_errors
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         number = self._number(trial)
         outcome = self.searcher.outcomes.get(trial.trial_id)
@@ -147,10 +180,16 @@ class StoreCallback(Callback):
             return
         self._record_end(trial, number, outcome)
 
+    @_deferring_errors
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         """The trial's process or node died and Tune restarts it from its last checkpoint."""
         number = self._number(trial)
         if number is None:
+            return
+        if trial.trial_id in self.searcher.outcomes:
+            # Tune restarts a trial whose ending failed after Optuna was told (an error in
+            # another callback): its outcome stands, the rerun changes nothing.
+            log.warning("trial %s restarted by Tune after it ended; its outcome stands", number)
             return
         retries = self.store.trial_retried(self.study_id, number)
         ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
@@ -161,6 +200,7 @@ class StoreCallback(Callback):
                     number, message, retries, self.spec.failure.max_failures)
         self.on_event("retry", number, {"retries": retries, "error": message})
 
+    @_deferring_errors
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         number = self._number(trial)
         if number is None:

@@ -285,14 +285,14 @@ def _close_open_trials(searcher: Any, callback: Any, store: Store, study_id: int
     """Trials Tune abandoned (Ctrl-C, time limit, lease lost) end FAIL, not RUNNING."""
     for trial_id in searcher.open_trials():
         number = searcher.numbers.get(trial_id)
-        outcome = searcher.fail(trial_id, "interrupted: the driver stopped before the trial "
-                                "finished", counted=False, detail="interrupted")
-        if number is not None and outcome is not None:
-            try:
+        try:  # the database may be what stopped the study: the next launch reaps the rest
+            outcome = searcher.fail(trial_id, "interrupted: the driver stopped before the "
+                                    "trial finished", counted=False, detail="interrupted")
+            if number is not None and outcome is not None:
                 store.trial_finished(study_id, number, state="FAIL", detail=outcome.detail,
                                      counted=False, error=outcome.error)
-            except StorageError as e:  # pragma: no cover
-                log.warning("could not record trial %s as interrupted: %s", number, e)
+        except Exception as e:  # noqa: BLE001 - Optuna's or qsearch's storage, still down
+            log.warning("could not record trial %s as interrupted: %s", number, e)
 
 
 def _result(name: str, study: optuna.Study, status: str, t0: float) -> LaunchResult:

@@ -11,7 +11,6 @@ so drivers starting together on an empty database do not race.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,19 +31,13 @@ class RetryingRDBStorage(RDBStorage):
 #: a study uses) calls directly; they are database sessions too.
 _CACHED_STORAGE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials",
                          "_get_best_trial_id", "_get_stale_trial_ids")
-_outermost = threading.local()
 
 
 def _retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    # A storage call made inside a retried one runs once; the outer call repeats it.
     @functools.wraps(method)
     def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_outermost, "active", False):  # a storage call inside a retried one
-            return method(self, *args, **kwargs)
-        _outermost.active = True
-        try:
-            return with_retries(f"optuna storage {name}", lambda: method(self, *args, **kwargs))
-        finally:
-            _outermost.active = False
+        return with_retries(f"optuna storage {name}", lambda: method(self, *args, **kwargs))
 
     return call
 

@@ -1,27 +1,40 @@
 """Read-only queries over the qsearch tables, for the CLI, export and dashboards.
 
 Every function takes a :class:`~qsearch.store.Store` and returns plain dicts/lists (JSON-able
-apart from datetimes), one transaction each. None of them writes, so a dashboard may call
-them while a driver is running.
+apart from datetimes). None of them writes, so a dashboard may call them while a driver is
+running, and each is retried as a whole on transient errors (``store.retries`` times), like
+the store's own methods: the driver reads the front through them mid-study.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 
 from qsearch.errors import ConfigError, StorageError
 from qsearch.store import schema as s
-from qsearch.store.store import Store, StudyRecord
+from qsearch.store.store import Store, StudyRecord, with_retries
 
 TRIAL_STATES = ("RUNNING", "COMPLETE", "PRUNED", "FAIL")
+_Q = TypeVar("_Q", bound=Callable[..., Any])
+
+
+def _retried(fn: _Q) -> _Q:
+    @functools.wraps(fn)
+    def query(store: Store, *args: Any, **kwargs: Any) -> Any:
+        return with_retries(fn.__name__, lambda: fn(store, *args, **kwargs), store.retries)
+
+    return query  # type: ignore[return-value]
 
 
 def _rows(result: Any) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in result]
 
 
+@_retried
 def require_study(store: Store, name: str) -> StudyRecord:
     """The study named ``name`` or a ConfigError listing the known studies."""
     if not store.has_schema():
@@ -35,6 +48,7 @@ def require_study(store: Store, name: str) -> StudyRecord:
     return rec
 
 
+@_retried
 def list_studies(store: Store) -> list[dict[str, Any]]:
     """Every study with its status, lease holder and trial counts per state."""
     with store.tx("list studies") as conn:
@@ -55,6 +69,7 @@ def list_studies(store: Store) -> list[dict[str, Any]]:
     return studies
 
 
+@_retried
 def trials(store: Store, study: str, states: list[str] | None = None) -> list[dict[str, Any]]:
     """Trials of a study with their state, params, config, final objective values."""
     rec = require_study(store, study)
@@ -65,6 +80,7 @@ def trials(store: Store, study: str, states: list[str] | None = None) -> list[di
         return _rows(conn.execute(q.order_by(s.trials.c.number)))
 
 
+@_retried
 def trial(store: Store, study: str, number: int) -> dict[str, Any]:
     rec = require_study(store, study)
     with store.tx("read trial") as conn:
@@ -75,6 +91,7 @@ def trial(store: Store, study: str, number: int) -> dict[str, Any]:
     return dict(row._mapping)
 
 
+@_retried
 def epoch_metrics(store: Store, study: str, trial_number: int | None = None) -> list[dict[str, Any]]:
     """Per-epoch reports (learning curves), ordered by trial then epoch."""
     rec = require_study(store, study)
@@ -86,6 +103,7 @@ def epoch_metrics(store: Store, study: str, trial_number: int | None = None) -> 
                                              s.epoch_metrics.c.epoch)))
 
 
+@_retried
 def layer_records(store: Store, study: str, trial_number: int) -> list[dict[str, Any]]:
     """Per-layer precision/cost records of a finished trial, in layer order."""
     rec = require_study(store, study)
@@ -95,6 +113,7 @@ def layer_records(store: Store, study: str, trial_number: int) -> list[dict[str,
             s.layers.c.idx)))
 
 
+@_retried
 def pareto_snapshots(store: Store, study: str) -> list[dict[str, Any]]:
     """The hypervolume history: one row per snapshot, oldest first."""
     rec = require_study(store, study)
@@ -103,6 +122,7 @@ def pareto_snapshots(store: Store, study: str) -> list[dict[str, Any]]:
             s.pareto_snapshots.c.study_id == rec.id).order_by(s.pareto_snapshots.c.snapshot)))
 
 
+@_retried
 def pareto_front(store: Store, study: str, snapshot: int | None = None
                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(snapshot row, its points) for ``snapshot`` or the latest; (None, []) before any."""
@@ -121,6 +141,7 @@ def pareto_front(store: Store, study: str, snapshot: int | None = None
     return dict(snap._mapping), points
 
 
+@_retried
 def complete_values(store: Store, study_id: int) -> list[dict[str, Any]]:
     """Objective values of every COMPLETE trial (the input of a Pareto snapshot)."""
     with store.tx("read complete trials") as conn:

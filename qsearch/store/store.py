@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -157,21 +158,34 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(cause, InterfaceError)
 
 
+_retrying = threading.local()
+
+
 def with_retries(what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
-    """Call ``fn`` (one whole transaction), retrying transient errors with jittered
-    exponential back-off; the last error propagates."""
+    """Call ``fn`` (one whole unit of work), retrying transient errors with jittered
+    exponential back-off; the last error propagates.
+
+    Only the outermost call in a thread retries: a retried unit made of retried parts
+    (a query that reads the study, then its trials) repeats as a whole, and the attempts do
+    not multiply."""
+    if getattr(_retrying, "active", False):
+        return fn()
     n = DB_RETRIES if attempts is None else attempts
-    for attempt in range(n + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - is_transient decides; the rest propagates
-            if attempt == n or isinstance(e, LeaseError) or not is_transient(e):
-                raise
-            delay = random.uniform(0, min(DB_RETRY_MAX_S, DB_RETRY_BASE_S * 2 ** attempt))
-            log.warning("%s: transient database error (%s); retry %d/%d in %.2f s", what,
-                        str(e).splitlines()[0][:200], attempt + 1, n, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+    _retrying.active = True
+    try:
+        for attempt in range(n + 1):
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - is_transient decides; the rest propagates
+                if attempt == n or isinstance(e, LeaseError) or not is_transient(e):
+                    raise
+                delay = random.uniform(0, min(DB_RETRY_MAX_S, DB_RETRY_BASE_S * 2 ** attempt))
+                log.warning("%s: transient database error (%s); retry %d/%d in %.2f s", what,
+                            str(e).splitlines()[0][:200], attempt + 1, n, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+    finally:
+        _retrying.active = False
 
 
 def retried(fn: Callable[..., Any]) -> Callable[..., Any]:
