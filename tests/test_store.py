@@ -10,6 +10,7 @@ from datetime import timedelta
 import optuna
 import pytest
 from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy.exc import OperationalError, PendingRollbackError
 
 from qsearch.errors import StorageError
 from qsearch.store import LeaseError, Store, queries, utcnow
@@ -182,6 +183,51 @@ def test_transient_error_is_retried_on_a_fresh_connection(pg_url):
     finally:
         admin.close()
         store.dispose()
+
+
+@pytest.mark.postgres
+def test_session_reused_after_its_connection_died_is_retried(pg_url):
+    """Optuna's RDB storage, after a query fails because the server killed the connection,
+    tries another query in the same session: SQLAlchemy then raises PendingRollbackError,
+    and Optuna wraps that in StorageInternalError. That is the same outage, so it is
+    retried (on a fresh session), not passed up as a hard failure."""
+    import psycopg
+    from _search_helpers import PG_ADMIN
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.orm import Session
+
+    from qsearch.store import is_transient, with_retries
+
+    eng = create_engine(pg_url)
+    admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    attempts: list[int] = []
+
+    def optuna_like_read() -> int:
+        with Session(eng) as session:
+            attempts.append(1)
+            pid = session.execute(text("SELECT pg_backend_pid()")).scalar()
+            if len(attempts) == 1:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                try:
+                    try:
+                        session.execute(text("SELECT 1"))
+                    except OperationalError:  # Optuna: "falling back to a slower alternative"
+                        session.execute(text("SELECT 1"))  # in the same session
+                except PendingRollbackError as e:
+                    raise StorageInternalError("An exception is raised during the commit.") from e
+            return session.execute(text("SELECT 41 + 1")).scalar()
+
+    try:
+        with pytest.raises(StorageInternalError) as got:
+            optuna_like_read()
+        assert isinstance(got.value.__cause__, PendingRollbackError)
+        assert is_transient(got.value)
+        attempts.clear()
+        assert with_retries("optuna-like read", optuna_like_read) == 42
+        assert len(attempts) == 2
+    finally:
+        admin.close()
+        eng.dispose()
 
 
 @pytest.mark.postgres

@@ -113,7 +113,7 @@ def status(study: Annotated[str, typer.Argument(help="study name")], storage: St
         params = ", ".join(f"{k}={format_value(v)}" for k, v in (r["params"] or {}).items())
         t.add_row(str(r["number"]), r["state"], f"{r['epochs_completed']}/{r['max_epochs'] or ''}",
                   str(r.get("retries") or 0),
-                  format_value(r["accuracy"]), format_value(r["size_mb"]), format_value(r["backward_cost"]),
+                  *(format_value(r[k]) for k in ("accuracy", "size_mb", "backward_cost")),
                   "*" if r["number"] in on_front else "",
                   (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:80])
     console.print(t)
@@ -156,7 +156,8 @@ def pareto(
         for c in cols:
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(*(("knee" if r[c] else "") if c == "is_knee" else format_value(r[c]) for c in cols))
+            t.add_row(*(("knee" if r[c] else "") if c == "is_knee" else format_value(r[c])
+                        for c in cols))
         console.print(t)
 
 

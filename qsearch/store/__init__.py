@@ -7,7 +7,15 @@ the read-only functions the CLI, export and dashboards use.
 from qsearch.store import queries
 from qsearch.store.optuna_storage import RetryingRDBStorage, optuna_storage
 from qsearch.store.schema import SCHEMA_VERSION
-from qsearch.store.store import LeaseError, Store, StudyRecord, mask_url, utcnow, with_retries
+from qsearch.store.store import (
+    LeaseError,
+    Store,
+    StudyRecord,
+    is_transient,
+    mask_url,
+    utcnow,
+    with_retries,
+)
 
 __all__ = ["SCHEMA_VERSION", "LeaseError", "RetryingRDBStorage", "Store", "StudyRecord",
-           "mask_url", "optuna_storage", "queries", "utcnow", "with_retries"]
+           "is_transient", "mask_url", "optuna_storage", "queries", "utcnow", "with_retries"]

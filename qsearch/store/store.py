@@ -30,6 +30,7 @@ from sqlalchemy.exc import (
     IntegrityError,
     InterfaceError,
     OperationalError,
+    PendingRollbackError,
     SQLAlchemyError,
 )
 
@@ -147,6 +148,13 @@ def is_transient(exc: BaseException) -> bool:
     """A database error that a retry on a fresh connection can fix (also when wrapped, as
     in StorageError or Optuna's StorageInternalError)."""
     cause = exc if isinstance(exc, SQLAlchemyError) else exc.__cause__
+    if isinstance(cause, PendingRollbackError):
+        # A session reused after its connection died under it (Optuna's RDB storage retries
+        # a failed query in the same session): the error is the death, not the reuse.
+        died = cause.__context__
+        if isinstance(died, SQLAlchemyError) and died is not cause:
+            return is_transient(died)
+        return "can't reconnect until invalid transaction" in str(cause).lower()
     if isinstance(cause, DBAPIError) and cause.connection_invalidated:
         return True
     if isinstance(cause, OperationalError):
@@ -298,8 +306,13 @@ class Store:
 
     @staticmethod
     def _lock_schema(conn: Connection) -> None:
+        """Serialise schema creation: PostgreSQL's advisory lock; on SQLite the write lock,
+        taken up front (pysqlite would otherwise run each CREATE TABLE in a transaction of
+        its own, and drivers starting together would interleave them)."""
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+        elif conn.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     def _upgrade(self, conn: Connection, version: int) -> None:
         """Bring an older qsearch schema up to date, in this (locked) transaction."""
