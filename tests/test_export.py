@@ -83,6 +83,12 @@ def test_cli_export_and_eval(finished_study, tmp_path, capsys):
     assert res["match"] is True
     assert main(["pareto", "exp", "--storage", url, "--format", "csv"]) == 0
     assert capsys.readouterr().out.startswith("trial_number,accuracy,size_mb,backward_cost,is_knee")
+    assert main(["status", "exp", "--storage", url]) == 0
+    table = capsys.readouterr().out
+    assert "COMPLETE" in table and "w_bits=" in table  # whole words, even on 80 columns
+    assert main(["studies", "--storage", url]) == 0
+    listing = capsys.readouterr().out
+    assert "exp" in listing and "finished" in listing
     # A tampered weights file is caught.
     pt = out.with_suffix(".pt")
     pt.write_bytes(pt.read_bytes()[:-10])

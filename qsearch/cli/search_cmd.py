@@ -14,6 +14,7 @@ import os
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.table import Table
 
 from qsearch.cli import app, console
@@ -33,6 +34,15 @@ def _store(url: str | None, create: bool = False) -> Any:
         _require_sqlite_file(url)
     # One-shot commands: a wrong or unreachable URL should fail fast, not after back-offs.
     return Store(url, create=create, retries=1)
+
+
+def _table(title: str, columns: tuple[str, ...], wrap: tuple[str, ...] = ()) -> Table:
+    """A compact table whose short columns never wrap or truncate (an 80-column pipe would
+    otherwise cut ``COMPLETE`` to ``COMPLE…``); only the ``wrap`` columns give way."""
+    t = Table(title=title, box=box.SIMPLE_HEAD)
+    for c in columns:
+        t.add_column(c, no_wrap=c not in wrap, overflow="fold")
+    return t
 
 
 def _require_sqlite_file(url: str) -> None:
@@ -85,14 +95,15 @@ def studies(storage: StorageOpt = None,
     if as_json:
         print(json.dumps(rows, default=str, indent=2))
         return
-    t = Table(title=f"studies in {store.masked_url}")
-    for c in ("name", "status", "trials", "complete", "pruned", "fail", "running", "driver", "created"):
-        t.add_column(c)
+    t = _table(f"studies in {store.masked_url}",
+               ("name", "status", "trials", "done/pruned/fail/run", "driver", "created"),
+               wrap=("name", "driver"))
     for r in rows:
         c = r["trials"]
         driver = f"{r['lease_host']}:{r['lease_pid']}" if r["lease_host"] else ""
-        t.add_row(r["name"], r["status"], str(r["n_trials"]), str(c["COMPLETE"]), str(c["PRUNED"]),
-                  str(c["FAIL"]), str(c["RUNNING"]), driver, str(r["created_at"])[:19])
+        t.add_row(r["name"], r["status"], str(r["n_trials"]),
+                  "/".join(str(c[s]) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")),
+                  driver, str(r["created_at"])[:16])
     console.print(t)
 
 
@@ -105,17 +116,18 @@ def status(study: Annotated[str, typer.Argument(help="study name")], storage: St
     rec = queries.require_study(store, study)
     snap, front = queries.pareto_front(store, study)
     on_front = {p["trial_number"] for p in front}
-    t = Table(title=f"study {study} ({rec.status})")
-    for c in ("#", "state", "epochs", "retries", "accuracy", "size_mb", "backward_cost", "front",
-              "detail / params"):
-        t.add_column(c)
-    for r in queries.trials(store, study):
+    rows = queries.trials(store, study)
+    retried = any(r.get("retries") for r in rows)  # the column only when it says something
+    t = _table(f"study {study} ({rec.status}); * = on the Pareto front",
+               ("#", "state", "epochs", *(("retries",) if retried else ()), "accuracy",
+                "size_mb", "bwd_cost", "*", "detail / params"), wrap=("detail / params",))
+    for r in rows:
         params = ", ".join(f"{k}={format_value(v)}" for k, v in (r["params"] or {}).items())
         t.add_row(str(r["number"]), r["state"], f"{r['epochs_completed']}/{r['max_epochs'] or ''}",
-                  str(r.get("retries") or 0),
+                  *((str(r.get("retries") or 0),) if retried else ()),
                   *(format_value(r[k]) for k in ("accuracy", "size_mb", "backward_cost")),
                   "*" if r["number"] in on_front else "",
-                  (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:80])
+                  (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:160])
     console.print(t)
     if snap:
         console.print(f"Pareto front: {len(front)} trials, hypervolume {snap['hypervolume']:.6g} "
