@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from qsearch.errors import ConfigError, StorageError
-from qsearch.store import Store, mask_url
+from qsearch.store import Store, existing_sqlite_file, mask_url
 
 #: How long one dashboard read waits for a writer's lock before giving up (seconds). Short on
 #: purpose: a page that cannot read now simply shows the last data on its next refresh.
@@ -46,18 +45,7 @@ def readonly_url(url: str, field_name: str = "--storage") -> tuple[str, dict[str
         raise ConfigError(field_name, f"not a database URL: {url!r} ({e})") from None
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        db = parsed.database or ""
-        if db in ("", ":memory:"):
-            raise ConfigError(field_name, "an in-memory SQLite database holds no study; give the "
-                              "study's file, e.g. sqlite:///qsearch.db")
-        if db.startswith("file:"):  # already a URI: keep it, force mode=ro
-            path = Path(db[5:].split("?", 1)[0])
-        else:
-            path = Path(db)
-        path = path.expanduser().resolve()
-        if not path.is_file():
-            raise ConfigError(field_name, f"no SQLite database at {path}; launch a study first "
-                              "or pass the right --storage URL")
+        path = existing_sqlite_file(parsed, field_name)
         ro = f"sqlite:///file:{quote(str(path), safe='/')}?mode=ro&uri=true"
         return ro, {"timeout": READ_TIMEOUT_S}
     if backend == "postgresql":

@@ -108,14 +108,13 @@ def start_driver(spec: dict[str, Any], tmp_path: Path, *args: str) -> tuple[subp
 
 def stored_trials(url: str, study: str) -> list[dict[str, Any]]:
     """The study's trial rows, or [] while the driver has not created them yet."""
-    from sqlalchemy.engine import make_url
-
+    from qsearch.errors import ConfigError
     from qsearch.store import Store, queries
 
-    db = make_url(url).database
-    if make_url(url).get_backend_name() == "sqlite" and not (db and Path(db).exists()):
-        return []  # do not create the file before the driver does
-    store = Store(url, create=False)
+    try:
+        store = Store(url, create=False)
+    except ConfigError:  # no SQLite file yet (and a reader never creates one)
+        return []
     try:
         if not store.has_schema() or store.get_study(study) is None:
             return []

@@ -29,11 +29,9 @@ def _store(url: str | None, create: bool = False) -> Any:
     from qsearch.store import Store
     from qsearch.study import DEFAULT_STORAGE
 
-    url = url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE
-    if not create:
-        _require_sqlite_file(url)
     # One-shot commands: a wrong or unreachable URL should fail fast, not after back-offs.
-    return Store(url, create=create, retries=1)
+    return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create,
+                 retries=1)
 
 
 def _table(title: str, columns: tuple[str, ...], wrap: tuple[str, ...] = ()) -> Table:
@@ -43,24 +41,6 @@ def _table(title: str, columns: tuple[str, ...], wrap: tuple[str, ...] = ()) -> 
     for c in columns:
         t.add_column(c, no_wrap=c not in wrap, overflow="fold")
     return t
-
-
-def _require_sqlite_file(url: str) -> None:
-    """A read-only command on a SQLite file that does not exist would silently create an
-    empty one (and then report no studies): name the path and the fix instead."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return  # Store reports the malformed URL
-    db = parsed.database
-    if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" \
-            and not db.startswith("file:") and not os.path.exists(db):
-        raise ConfigError("storage", f"no qsearch database at {os.path.abspath(db)}; launch a "
-                          "study there first, or pass --storage / set $QSEARCH_STORAGE to the "
-                          "study's database URL")
 
 
 @app.command()

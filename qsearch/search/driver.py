@@ -212,7 +212,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     hb = Heartbeat(store, rec.id, token, interval_s=5.0)
     hb.start()
     status = "stopped"
-    searcher = callback = None
+    searcher = None
     try:
         storage = optuna_storage(store)
         study = optuna.create_study(study_name=spec.name, storage=storage,
@@ -261,12 +261,12 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         )
         with view:
             tuner.fit()
-        _close_open_trials(searcher, callback, store, rec.id)
+        _close_open_trials(searcher, store, rec.id)  # before the result counts them
         status = "finished" if len(counted_trials(study)) >= spec.budget.num_trials else "stopped"
         return _result(spec.name, study, status, t0)
     finally:
-        if searcher is not None and callback is not None:
-            _close_open_trials(searcher, callback, store, rec.id)
+        if searcher is not None:
+            _close_open_trials(searcher, store, rec.id)  # after an error: none closed yet
             # Nothing this driver started may stay RUNNING (e.g. a trial Optuna created twice
             # when a dropped connection made a commit look failed).
             try:
@@ -281,7 +281,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         store.dispose()
 
 
-def _close_open_trials(searcher: Any, callback: Any, store: Store, study_id: int) -> None:
+def _close_open_trials(searcher: Any, store: Store, study_id: int) -> None:
     """Trials Tune abandoned (Ctrl-C, time limit, lease lost) end FAIL, not RUNNING."""
     for trial_id in searcher.open_trials():
         number = searcher.numbers.get(trial_id)

@@ -11,6 +11,7 @@ from qsearch.store.store import (
     LeaseError,
     Store,
     StudyRecord,
+    existing_sqlite_file,
     is_transient,
     mask_url,
     utcnow,
@@ -18,4 +19,4 @@ from qsearch.store.store import (
 )
 
 __all__ = ["SCHEMA_VERSION", "LeaseError", "RetryingRDBStorage", "Store", "StudyRecord",
-           "is_transient", "mask_url", "optuna_storage", "queries", "utcnow", "with_retries"]
+           "existing_sqlite_file", "is_transient", "mask_url", "optuna_storage", "queries", "utcnow", "with_retries"]

@@ -8,33 +8,22 @@ the store's own methods: the driver reads the front through them mid-study.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import func, select
 
 from qsearch.errors import ConfigError, StorageError
 from qsearch.store import schema as s
-from qsearch.store.store import Store, StudyRecord, with_retries
+from qsearch.store.store import Store, StudyRecord, retried
 
 TRIAL_STATES = ("RUNNING", "COMPLETE", "PRUNED", "FAIL")
-_Q = TypeVar("_Q", bound=Callable[..., Any])
-
-
-def _retried(fn: _Q) -> _Q:
-    @functools.wraps(fn)
-    def query(store: Store, *args: Any, **kwargs: Any) -> Any:
-        return with_retries(fn.__name__, lambda: fn(store, *args, **kwargs), store.retries)
-
-    return query  # type: ignore[return-value]
 
 
 def _rows(result: Any) -> list[dict[str, Any]]:
     return [dict(r._mapping) for r in result]
 
 
-@_retried
+@retried  # the store is the first argument, as for its methods
 def require_study(store: Store, name: str) -> StudyRecord:
     """The study named ``name`` or a ConfigError listing the known studies."""
     if not store.has_schema():
@@ -48,7 +37,7 @@ def require_study(store: Store, name: str) -> StudyRecord:
     return rec
 
 
-@_retried
+@retried
 def list_studies(store: Store) -> list[dict[str, Any]]:
     """Every study with its status, lease holder and trial counts per state."""
     with store.tx("list studies") as conn:
@@ -69,7 +58,7 @@ def list_studies(store: Store) -> list[dict[str, Any]]:
     return studies
 
 
-@_retried
+@retried
 def trials(store: Store, study: str, states: list[str] | None = None) -> list[dict[str, Any]]:
     """Trials of a study with their state, params, config, final objective values."""
     rec = require_study(store, study)
@@ -80,7 +69,7 @@ def trials(store: Store, study: str, states: list[str] | None = None) -> list[di
         return _rows(conn.execute(q.order_by(s.trials.c.number)))
 
 
-@_retried
+@retried
 def trial(store: Store, study: str, number: int) -> dict[str, Any]:
     rec = require_study(store, study)
     with store.tx("read trial") as conn:
@@ -91,7 +80,7 @@ def trial(store: Store, study: str, number: int) -> dict[str, Any]:
     return dict(row._mapping)
 
 
-@_retried
+@retried
 def epoch_metrics(store: Store, study: str, trial_number: int | None = None) -> list[dict[str, Any]]:
     """Per-epoch reports (learning curves), ordered by trial then epoch."""
     rec = require_study(store, study)
@@ -103,7 +92,7 @@ def epoch_metrics(store: Store, study: str, trial_number: int | None = None) -> 
                                              s.epoch_metrics.c.epoch)))
 
 
-@_retried
+@retried
 def layer_records(store: Store, study: str, trial_number: int) -> list[dict[str, Any]]:
     """Per-layer precision/cost records of a finished trial, in layer order."""
     rec = require_study(store, study)
@@ -113,7 +102,7 @@ def layer_records(store: Store, study: str, trial_number: int) -> list[dict[str,
             s.layers.c.idx)))
 
 
-@_retried
+@retried
 def pareto_snapshots(store: Store, study: str) -> list[dict[str, Any]]:
     """The hypervolume history: one row per snapshot, oldest first."""
     rec = require_study(store, study)
@@ -122,7 +111,7 @@ def pareto_snapshots(store: Store, study: str) -> list[dict[str, Any]]:
             s.pareto_snapshots.c.study_id == rec.id).order_by(s.pareto_snapshots.c.snapshot)))
 
 
-@_retried
+@retried
 def pareto_front(store: Store, study: str, snapshot: int | None = None
                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """(snapshot row, its points) for ``snapshot`` or the latest; (None, []) before any."""
@@ -141,7 +130,7 @@ def pareto_front(store: Store, study: str, snapshot: int | None = None
     return dict(snap._mapping), points
 
 
-@_retried
+@retried
 def complete_values(store: Store, study_id: int) -> list[dict[str, Any]]:
     """Objective values of every COMPLETE trial (the input of a Pareto snapshot)."""
     with store.tx("read complete trials") as conn:

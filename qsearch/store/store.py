@@ -20,10 +20,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from sqlalchemy import Connection, create_engine, delete, event, inspect, select, text, update
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -152,7 +154,7 @@ def is_transient(exc: BaseException) -> bool:
         # A session reused after its connection died under it (Optuna's RDB storage retries
         # a failed query in the same session): the error is the death, not the reuse.
         died = cause.__context__
-        if isinstance(died, SQLAlchemyError) and died is not cause:
+        if isinstance(died, SQLAlchemyError):
             return is_transient(died)
         return "can't reconnect until invalid transaction" in str(cause).lower()
     if isinstance(cause, DBAPIError) and cause.connection_invalidated:
@@ -197,13 +199,33 @@ def with_retries(what: str, fn: Callable[[], Any], attempts: int | None = None) 
 
 
 def retried(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Method decorator: the whole method (its transaction) is retried on transient errors."""
+    """Decorator for a Store method, or a function whose first argument is the Store (the
+    read queries): the whole call is retried on transient errors, ``store.retries`` times."""
 
     @functools.wraps(fn)
-    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
-        return with_retries(fn.__name__, lambda: fn(self, *args, **kwargs), self.retries)
+    def wrapper(store: Store, *args: Any, **kwargs: Any) -> Any:
+        return with_retries(fn.__name__, lambda: fn(store, *args, **kwargs), store.retries)
 
     return wrapper
+
+
+def existing_sqlite_file(url: URL, field: str = "storage") -> Path | None:
+    """The file behind a SQLite URL (a path or a ``file:`` URI), which must exist; None for
+    other backends. For readers: opening a missing file would create an empty database and
+    report no studies, so the path and the fix are named instead."""
+    if url.get_backend_name() != "sqlite":
+        return None
+    db = url.database or ""
+    if db in ("", ":memory:"):
+        raise ConfigError(field, "an in-memory SQLite database holds no study; give the "
+                          "study's file, e.g. sqlite:///qsearch.db")
+    if db.startswith("file:"):
+        db = unquote(db[5:].split("?", 1)[0])
+    path = Path(db).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(field, f"no SQLite database at {path}; launch a study first or "
+                          "pass the right --storage URL")
+    return path
 
 
 class Store:
@@ -225,6 +247,8 @@ class Store:
             parsed = make_url(url)
         except ArgumentError as e:
             raise ConfigError("storage", f"not a database URL: {url!r} ({e})") from None
+        if not create:
+            existing_sqlite_file(parsed)
         parsed = prefer_psycopg3(parsed)
         kwargs = engine_kwargs(parsed.get_backend_name())
         try:
@@ -334,10 +358,10 @@ class Store:
 
     @retried
     def has_schema(self) -> bool:
-        """Whether the qsearch tables are all there. The version row is written last, after
-        every table, so its presence (not the table's) is the test: pysqlite commits each
-        CREATE TABLE on its own, and a reader polling a database that a driver is creating
-        could otherwise see the version table before the studies table."""
+        """Whether the qsearch tables are all there: the version row, written last in the
+        creating transaction, is the test (a version table without its row is a schema
+        some writer did not finish, e.g. a qsearch before schema creation was one
+        SQLite transaction)."""
         with self.tx("inspect schema") as conn:
             if not inspect(conn).has_table(s.schema_version.name):
                 return False
