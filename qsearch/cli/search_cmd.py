@@ -39,7 +39,7 @@ def _table(title: str, columns: tuple[str, ...], wrap: tuple[str, ...] = ()) -> 
     otherwise cut ``COMPLETE`` to ``COMPLE…``); only the ``wrap`` columns give way."""
     t = Table(title=title, box=box.SIMPLE_HEAD)
     for c in columns:
-        t.add_column(c, no_wrap=c not in wrap, overflow="fold")
+        t.add_column(c, no_wrap=c not in wrap, overflow="fold", min_width=min(len(c), 8))
     return t
 
 
@@ -75,15 +75,16 @@ def studies(storage: StorageOpt = None,
     if as_json:
         print(json.dumps(rows, default=str, indent=2))
         return
+    running = any(r["lease_host"] for r in rows)  # the driver column only while one runs
     t = _table(f"studies in {store.masked_url}",
-               ("name", "status", "trials", "done/pruned/fail/run", "driver", "created"),
-               wrap=("name", "driver"))
+               ("name", "status", "trials", "done/pruned/fail/run",
+                *(("driver",) if running else ()), "created"), wrap=("driver",))
     for r in rows:
         c = r["trials"]
         driver = f"{r['lease_host']}:{r['lease_pid']}" if r["lease_host"] else ""
         t.add_row(r["name"], r["status"], str(r["n_trials"]),
                   "/".join(str(c[s]) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")),
-                  driver, str(r["created_at"])[:16])
+                  *((driver,) if running else ()), str(r["created_at"])[:16])
     console.print(t)
 
 
