@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from qsearch.spec import apply_overrides, parse_trial_config
+from qsearch.config import apply_overrides, parse_trial_config
 from qsearch.train.trainer import train
 
 SETUPS = {

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qsearch.spec import parse_trial_config
+from qsearch.config import parse_trial_config
 from qsearch.train.trainer import Trainer
 
 VARIANTS: dict[str, dict] = {

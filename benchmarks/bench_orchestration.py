@@ -24,8 +24,8 @@ from pathlib import Path
 def bench_overhead(n: int, workdir: Path) -> None:
     from qsearch.search import launch
     from qsearch.search.driver import init_ray
-    from qsearch.spec import parse_trial_config
-    from qsearch.study import parse_study_spec
+    from qsearch.config import parse_trial_config
+    from qsearch.config import parse_study_spec
     from qsearch.train import train
 
     import torch

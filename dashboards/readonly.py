@@ -32,7 +32,7 @@ READ_TIMEOUT_S = 10.0
 
 def default_storage() -> str:
     """Same default as the rest of the CLI: ``$QSEARCH_STORAGE`` or ``sqlite:///qsearch.db``."""
-    from qsearch.study import DEFAULT_STORAGE
+    from qsearch.config import DEFAULT_STORAGE
 
     return os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE
 

@@ -129,7 +129,7 @@ def rebuild_model(doc: dict[str, Any], path: str | Path) -> tuple[Any, Any, Any]
     from qsearch.data import load_dataset
     from qsearch.models import build_model
     from qsearch.quant import Precision, convert
-    from qsearch.spec import parse_trial_config
+    from qsearch.config import parse_trial_config
 
     cfg = parse_trial_config(doc["config"], prefix="config")
     weights = Path(path).parent / doc["weights"]["file"]
@@ -157,7 +157,7 @@ def evaluate_export(path: str | Path) -> dict[str, Any]:
 
     from qsearch.cost import compute_cost, extra_param_count, layer_costs
     from qsearch.quant import quant_layers
-    from qsearch.train.context import evaluate
+    from qsearch.data.evaluate import evaluate
 
     doc = load_export(path)
     model, cfg, data = rebuild_model(doc, path)

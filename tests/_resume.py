@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qsearch.spec import TrialConfig
+from qsearch.config import TrialConfig
 from qsearch.train import TrainResult, train
 
 TIMING = ("epoch_s", "wall_s")  # wall-clock fields differ between any two runs

@@ -20,7 +20,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture
 def tiny_config():
     """A fast digits/tiny-cnn TrialConfig factory: ``tiny_config(epochs=2, w_bits=2)``."""
-    from qsearch.spec import parse_trial_config
+    from qsearch.config import parse_trial_config
 
     def make(**overrides):
         base = {"model": "tiny-cnn", "dataset": "digits", "epochs": 2, "device": "cpu",

@@ -12,13 +12,14 @@ from torch import nn
 
 from qsearch.cost import count_macs
 from qsearch.errors import ConfigError
-from qsearch.methods import build_methods, registered_methods
+from qsearch.config.methods import method_names
+from qsearch.methods.plugin import build_methods
 from qsearch.methods.blockrep import BlockReplacement, block_macs
 from qsearch.models import build_model, list_models, model_entry
 from qsearch.models import registry as model_registry
 from qsearch.quant import Precision, convert
-from qsearch.spec import parse_trial_config
-from qsearch.train.context import TrainContext
+from qsearch.config import parse_trial_config
+from qsearch.methods.plugin import TrainContext
 from qsearch.train.trainer import Trainer
 
 # (blocks at "stage", blocks at "block") for every registry model; branches = blocks - 1.
@@ -242,5 +243,5 @@ def test_blockrep_needs_warm_start():
 
 
 def test_method_is_registered_with_fp_partner():
-    assert "blockrep" in registered_methods()
+    assert "blockrep" in method_names()
     assert BlockReplacement.needs_fp_partner

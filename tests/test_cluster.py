@@ -98,7 +98,7 @@ def cluster():
 def warm_start_cached():
     """Train the tiny specs' FP32 warm start once, so concurrent first trials do not all
     train it at the same time (the cache directory is the session's QSEARCH_CACHE)."""
-    from qsearch.spec import parse_trial_config
+    from qsearch.config import parse_trial_config
     from qsearch.train import train
 
     train(parse_trial_config({"model": "tiny-cnn", "dataset": "digits", "epochs": 1,

@@ -207,7 +207,7 @@ def test_digits_budget_is_met_with_mixed_bits(tiny_config, bits):
 
 @pytest.fixture(scope="module")
 def csq_trial(tmp_path_factory):
-    from qsearch.spec import parse_trial_config
+    from qsearch.config import parse_trial_config
     from qsearch.train import train
 
     ckpt = tmp_path_factory.mktemp("csq-ckpt")

@@ -383,7 +383,7 @@ def referenced_specs() -> set[str]:
 
 
 def test_cluster_study_specs_validate_and_use_shared_paths() -> None:
-    from qsearch.study import load_study_spec
+    from qsearch.config import load_study_spec
 
     gpu_specs = 0
     for ref in sorted(referenced_specs()):

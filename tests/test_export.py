@@ -13,7 +13,7 @@ from qsearch.errors import ConfigError
 from qsearch.export import evaluate_export, export_trial, load_export, select_trial
 from qsearch.search import launch
 from qsearch.store import Store, queries
-from qsearch.study import parse_study_spec
+from qsearch.config import parse_study_spec
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from qsearch.errors import ConfigError
 from qsearch.models import build_model
 from qsearch.quant import LayerPrecision, Precision, convert, quantizable_layers, resolve_precision
-from qsearch.spec import parse_trial_config
+from qsearch.config import parse_trial_config
 
 
 @pytest.fixture

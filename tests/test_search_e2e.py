@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from qsearch.search import launch
 from qsearch.store import LeaseError, Store, queries
-from qsearch.study import parse_study_spec
+from qsearch.config import parse_study_spec
 
 BROKEN_CACHE = "/dev/null/qsearch-cache"  # mkdir fails: a config that raises in the worker
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qsearch.errors import ConfigError
-from qsearch.spec import (
+from qsearch.config import (
     TrialConfig,
     apply_overrides,
     load_trial_config,

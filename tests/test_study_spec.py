@@ -10,7 +10,7 @@ import yaml
 from qsearch.cli import main
 from qsearch.errors import ConfigError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
-from qsearch.study import load_study_spec, parse_study_spec
+from qsearch.config import load_study_spec, parse_study_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

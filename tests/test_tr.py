@@ -125,7 +125,7 @@ def test_frozen_weights_do_not_transition(tiny_config):
 def test_study_spec_searches_lts_and_tr():
     from pathlib import Path
 
-    from qsearch.study import load_study_spec
+    from qsearch.config import load_study_spec
 
     spec = load_study_spec(Path(__file__).parents[1] / "studies" / "lts-tr-digits.yaml")
     searched = set(spec.searched())

@@ -11,7 +11,7 @@ import torch
 from qsearch.data import load_dataset
 from qsearch.errors import CheckpointError, DataError
 from qsearch.quant import LSQQuantizer, QuantLayer
-from qsearch.spec import parse_trial_config
+from qsearch.config import parse_trial_config
 from qsearch.train import Trainer, train
 from qsearch.train.checkpoint import load_latest, save_checkpoint
 

@@ -27,7 +27,7 @@ StorageOpt = Annotated[Optional[str], typer.Option(
 
 def _store(url: str | None, create: bool = False) -> Any:
     from qsearch.store import Store
-    from qsearch.study import DEFAULT_STORAGE
+    from qsearch.config import DEFAULT_STORAGE
 
     # One-shot commands: a wrong or unreachable URL should fail fast, not after back-offs.
     return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create,
@@ -54,7 +54,7 @@ def launch(
 ) -> None:
     """Run or resume a study until its trial budget is used up."""
     from qsearch.search import launch as run_launch
-    from qsearch.study import load_study_spec
+    from qsearch.config import load_study_spec
 
     study = load_study_spec(spec, storage=storage or os.environ.get("QSEARCH_STORAGE"), name=name)
     r = run_launch(study, ray_address=ray_address, num_cpus=num_cpus, display=not quiet,

@@ -22,7 +22,7 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print final metrics as one JSON line")] = False,
 ) -> None:
     """Train one trial configuration of the shared QAT trainer."""
-    from qsearch.spec import load_trial_config
+    from qsearch.config import load_trial_config
     from qsearch.train import train as run_train
 
     cfg = load_trial_config(config, set_)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from qsearch.config.catalog import DatasetInfo, declare_dataset
 from qsearch.errors import ConfigError
 
 
@@ -46,6 +47,7 @@ def register_dataset(name: str, *, description: str) -> Callable[[Loader], Loade
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is already registered")
         _DATASETS[name] = DatasetEntry(name, fn, description)
+        declare_dataset(DatasetInfo(name, description))
         return fn
 
     return deco

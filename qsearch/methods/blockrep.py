@@ -27,24 +27,13 @@ from torch import nn
 
 from qsearch.cost import FP32_BITS, count_macs
 from qsearch.errors import ConfigError, TrialError
-from qsearch.methods.base import Method, MethodConfig, register_method
+from qsearch.methods.blockrep_config import BlockRepConfig
+from qsearch.methods.plugin import Method
 
 if TYPE_CHECKING:
     from qsearch.models.registry import ModelSplit
-    from qsearch.spec import TrialConfig
-    from qsearch.train.context import TrainContext
-
-
-class BlockRepConfig(MethodConfig):
-    """``methods.blockrep``: split granularity, branch loss weights and KD temperature."""
-
-    granularity: Literal["stage", "block"] = "stage"
-    branch_weight: float = Field(1.0, ge=0.0, le=10.0, description="a_i = b_i for all branches")
-    kd_weight: float = Field(1.0, ge=0.0, description="l0: KD weight of the quantized output")
-    tau: float = Field(1.0, gt=0.0)
-    branch_reduction: Literal["sum", "mean"] = Field(
-        "sum", description="sum the branch terms (METHODS.md) or average them over branches, "
-        "which keeps the loss scale independent of the number of blocks")
+    from qsearch.config import TrialConfig
+    from qsearch.methods.plugin import TrainContext
 
 
 def kd_loss(z: torch.Tensor, z_teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -85,30 +74,11 @@ def block_macs(split: ModelSplit, macs: dict[str, int], model: nn.Module) -> tup
     return totals[:-1], totals[-1]
 
 
-@register_method("blockrep")
 class BlockReplacement(Method):
     """BWRF: extra mixed-model branches through the frozen FP partner's suffix."""
 
     needs_fp_partner = True
     config: BlockRepConfig
-
-    @classmethod
-    def check_config(cls, config: TrialConfig) -> None:
-        """Reject trials that cannot build the mixed models (called at spec validation)."""
-        from qsearch.models import model_entry
-
-        if model_entry(config.model).split is None:
-            raise ConfigError(
-                "methods.blockrep.enabled",
-                f"model {config.model!r} declares no block split, so block replacement cannot "
-                "run on it; pass split=... to its register_model(...) or disable blockrep",
-            )
-        if not config.warm_start.enabled:
-            raise ConfigError(
-                "methods.blockrep.enabled",
-                "block replacement trains against the FP32 warm-start model; set "
-                "warm_start.enabled=true or disable blockrep",
-            )
 
     def __init__(self, config: BlockRepConfig):
         super().__init__(config)
@@ -141,7 +111,7 @@ class BlockReplacement(Method):
         if fp is None:
             raise TrialError("block replacement needs the FP32 partner (ctx.fp_model)")
         split_fn = model_entry(ctx.config.model).split
-        if split_fn is None:  # check_config normally catches this first
+        if split_fn is None:  # BlockRepConfig.check normally catches this first
             raise ConfigError("methods.blockrep.enabled",
                               f"model {ctx.config.model!r} has no split")
         gran = self.config.granularity

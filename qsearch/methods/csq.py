@@ -41,7 +41,8 @@ from torch import nn
 
 from qsearch.cost import FP32_BITS, extra_param_count
 from qsearch.errors import ConfigError
-from qsearch.methods.base import Method, MethodConfig, register_method
+from qsearch.methods.csq_config import MIN_BITS, CSQConfig
+from qsearch.methods.plugin import Method
 from qsearch.methods.csq_layers import (
     BitConv2d,
     BitLinear,
@@ -52,47 +53,11 @@ from qsearch.methods.csq_layers import (
 )
 
 if TYPE_CHECKING:
-    from qsearch.spec import TrialConfig
-    from qsearch.train.context import TrainContext
+    from qsearch.config import TrialConfig
+    from qsearch.methods.plugin import TrainContext
 
 log = logging.getLogger(__name__)
-MIN_BITS = 2  # the smallest weight width a trial config accepts
 INTEGRAL_CAP = 100.0  # anti-windup bound of the budget loop's integral term
-
-
-class CSQConfig(MethodConfig):
-    """``methods.csq``: budget (average bits or MB), bit planes and the gate schedule."""
-
-    target_bits: float | None = Field(3.0, ge=1.0, le=8.0)
-    target_mb: float | None = Field(None, gt=0.0)
-    planes: int = 8
-    lam: float = Field(5e-3, gt=0.0, description="budget regularizer weight lambda")
-    beta_final: float = Field(200.0, gt=1.0)
-    ticket_frac: float = Field(0.9, gt=0.0, le=1.0)
-    epochs_frac: float = Field(0.5, gt=0.0, lt=1.0, description="share of epochs for stage 1")
-    size_aware: bool = True
-    integral_gain: float = Field(
-        0.5, ge=0.0, description="integral action of the budget loop per step (0 = reference)")
-    gate_lr: float = Field(0.05, gt=0.0, description="learning rate of the gate logits m")
-    bit_lr: float = Field(0.05, gt=0.0, description="learning rate of the bit logits P, N")
-    enforce_budget: bool = Field(True, description="project the hard pattern onto the budget")
-    budget_tol: float = Field(0.02, ge=0.0, lt=0.5, description="relative size tolerance")
-    search_edges: bool = Field(False, description="also search the first/last layers")
-    carry_weights: bool = Field(True, description="stage 2 starts from the stage-1 weights")
-
-    @field_validator("planes")
-    @classmethod
-    def _planes(cls, v: int) -> int:
-        if not 2 <= v <= 8:
-            raise ValueError("must be between 2 and 8 bit planes (usually 6 or 8)")
-        return v
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> CSQConfig:
-        if self.target_mb is not None and self.target_bits is not None and self.enabled:
-            # target_mb given explicitly wins over the default target_bits.
-            object.__setattr__(self, "target_bits", None)
-        return self
 
 
 # ----------------------------------------------------------------------------- budget
@@ -240,7 +205,6 @@ def _project(windows: dict[str, tuple[int, int]], scores: dict[str, list[float]]
 # ----------------------------------------------------------------------------- the method
 
 
-@register_method("csq")
 class CSQ(Method):
     """Two-stage CSQ trial: bit-plane search (stage 1) then LSQ QAT at the found bits."""
 
@@ -249,15 +213,6 @@ class CSQ(Method):
     def __init__(self, config: CSQConfig):
         super().__init__(config)
         self.summary: dict[str, Any] = {}
-
-    @classmethod
-    def check_config(cls, config: TrialConfig) -> None:
-        c = config.methods.csq
-        if config.epochs < 2:
-            raise ConfigError("epochs", "CSQ needs at least 2 epochs (stage 1 search, stage 2 QAT)")
-        if c.target_bits is not None and not MIN_BITS <= c.target_bits <= c.planes:
-            raise ConfigError("methods.csq.target_bits",
-                              f"must lie in [{MIN_BITS}, planes={c.planes}] average bits")
 
     def stage_epochs(self, ctx: TrainContext) -> int:
         e = ctx.config.epochs

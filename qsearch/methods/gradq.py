@@ -37,38 +37,16 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from qsearch.errors import ConfigError
-from qsearch.methods.base import Method, MethodConfig, register_method
+from qsearch.methods.gradq_config import GradQConfig
+from qsearch.methods.plugin import Method
 
 if TYPE_CHECKING:
     from qsearch.quant import QuantLayer
-    from qsearch.spec import TrialConfig
-    from qsearch.train.context import TrainContext
+    from qsearch.config import TrialConfig
+    from qsearch.methods.plugin import TrainContext
 
 FP32_BITS = 32
 Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-class HypernetConfig(MethodConfig):
-    """``methods.gradq.hypernet``: MetaGrad-style coordinate-wise MLP compensation."""
-
-    hidden: int = Field(8, ge=1, le=256)
-    lr: float = Field(1e-3, gt=0.0)
-
-
-class GradQConfig(MethodConfig):
-    """``methods.gradq``: gradient bit-width (32 = off) and quantizer granularity."""
-
-    bits: int = 8
-    granularity: Literal["tensor", "sample/channel"] = "tensor"
-    first_last_bits: int = 8
-    hypernet: HypernetConfig = Field(default_factory=HypernetConfig)
-
-    @field_validator("bits", "first_last_bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in (4, 6, 8, 32):
-            raise ValueError("must be one of 4, 6, 8 or 32 (32 = full precision)")
-        return v
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -212,7 +190,6 @@ class _MetaWeight:
 # ----------------------------------------------------------------------------- the method
 
 
-@register_method("gradq")
 class GradQ(Method):
     """Quantized output gradients in every quantized layer, plus optional hypernetwork."""
 
@@ -228,17 +205,6 @@ class GradQ(Method):
         self.g_prev: dict[str, torch.Tensor] = {}
         self.lrs: dict[str, float] = {}
         self.corr_ratio: dict[str, torch.Tensor] = {}
-
-    @classmethod
-    def check_config(cls, config: TrialConfig) -> None:
-        cfg = config.methods.gradq
-        if cfg.hypernet.enabled and cfg.bits >= FP32_BITS and cfg.first_last_bits >= FP32_BITS:
-            raise ConfigError(
-                "methods.gradq.hypernet.enabled",
-                "the hypernetwork compensates quantized gradients, but bits=32 and "
-                "first_last_bits=32 leave every gradient FP32; lower methods.gradq.bits or "
-                "disable methods.gradq.hypernet",
-            )
 
     # -- set-up ------------------------------------------------------------------------
     def attach(self, ctx: TrainContext) -> None:

@@ -25,24 +25,16 @@ import torch
 from pydantic import Field
 
 from qsearch.errors import ConfigError
-from qsearch.methods.base import Method, MethodConfig, register_method
+from qsearch.methods.lts_config import LTSConfig
+from qsearch.methods.plugin import Method
 
 if TYPE_CHECKING:
     from qsearch.quant import QuantLayer
-    from qsearch.spec import TrialConfig
-    from qsearch.train.context import TrainContext
+    from qsearch.config import TrialConfig
+    from qsearch.methods.plugin import TrainContext
 
 #: Optimizer state entries that carry a per-element history of past gradients.
 _MOMENTUM_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-class LTSConfig(MethodConfig):
-    """``methods.lts``: threshold schedule and EMA of the distance to the nearest level."""
-
-    mode: Literal["linear-growth", "sine-growth", "fixing"] = "linear-growth"
-    rate: float = Field(0.1, gt=0.0, le=1.0, description="threshold for mode=fixing (levels)")
-    warmup_frac: float = Field(0.2, ge=0.0, lt=1.0, description="T_w as a fraction of steps")
-    momentum: float = Field(0.99, gt=0.0, lt=1.0, description="EMA momentum m")
 
 
 # ----------------------------------------------------------------------------- exact rules
@@ -105,7 +97,6 @@ def freeze(mask: torch.Tensor, dist: torch.Tensor, theta: float | None) -> int:
 # ----------------------------------------------------------------------------- the method
 
 
-@register_method("lts")
 class LTS(Method):
     """Lottery-ticket-scratcher freezing on the LSQ grid (see the module docstring)."""
 
@@ -120,10 +111,6 @@ class LTS(Method):
         self._saved: dict[str, torch.Tensor] = {}
         self._any_frozen: dict[str, bool] = {}  # per layer; recomputed when the mask changes
         self._macs: dict[str, int] | None = None
-
-    @classmethod
-    def check_config(cls, config: TrialConfig) -> None:
-        _require_quantized_weights(config, "lts")
 
     # -- set-up ------------------------------------------------------------------------
     def attach(self, ctx: TrainContext) -> None:
@@ -246,16 +233,3 @@ def _apply_layout(q: QuantLayer) -> bool:
         q.backward.dw_channels = None
     return bool(mask.any())
 
-
-def _require_quantized_weights(config: TrialConfig, name: str) -> None:
-    """LTS and TR work on the LSQ weight grid: at least one layer must have quantized weights."""
-    if config.methods.csq.enabled:
-        return
-    bits = [config.w_bits, config.first_bits, config.last_bits]
-    bits += [r.w_bits for r in config.layers.values()]
-    if all(b is None or b >= 32 for b in bits):
-        raise ConfigError(
-            f"methods.{name}.enabled",
-            "needs quantized weights (every layer has w_bits=32); set w_bits below 32 or "
-            f"disable methods.{name}",
-        )

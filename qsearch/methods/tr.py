@@ -27,26 +27,15 @@ import torch
 from pydantic import Field
 
 from qsearch.errors import ConfigError
-from qsearch.methods.base import Method, MethodConfig, register_method
+from qsearch.methods.plugin import Method
+from qsearch.methods.tr_config import TRConfig
 
 if TYPE_CHECKING:
     from qsearch.quant import QuantLayer
-    from qsearch.spec import TrialConfig
-    from qsearch.train.context import TrainContext
+    from qsearch.config import TrialConfig
+    from qsearch.methods.plugin import TrainContext
 
 EPS = 1e-8
-
-
-class TRConfig(MethodConfig):
-    """``methods.tr``: target transition-rate schedule and the TALR recurrence."""
-
-    r0: float = Field(0.005, gt=0.0, le=1.0, description="initial target transition rate R_0")
-    momentum: float = Field(0.99, gt=0.0, lt=1.0, description="TALR EMA momentum m")
-    lr_scale: float = Field(1.0, gt=0.0, description="alpha = lr_scale * trial lr")
-    schedule: Literal["cosine", "linear", "step"] = "cosine"
-    scope: Literal["layer", "global"] = "layer"
-    u_min: float = Field(1e-3, gt=0.0, description="lower clamp of the TALR factor U")
-    u_max: float = Field(1e3, gt=0.0, description="upper clamp of the TALR factor U")
 
 
 # ----------------------------------------------------------------------------- exact rules
@@ -84,7 +73,6 @@ def count_transitions(levels: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the method
 
 
-@register_method("tr")
 class TR(Method):
     """Transition-rate scheduling with the transition-adaptive LR (module docstring)."""
 
@@ -101,17 +89,6 @@ class TR(Method):
         self._sizes = torch.zeros(0, dtype=torch.float64)
         self._reset_epoch()
         self._last: dict[str, float] = {}
-
-    @classmethod
-    def check_config(cls, config: TrialConfig) -> None:
-        from qsearch.methods.lts import _require_quantized_weights
-
-        _require_quantized_weights(config, "tr")
-        tr = config.methods.tr
-        if tr.u_min >= tr.u_max:
-            raise ConfigError("methods.tr.u_min", f"must be below u_max={tr.u_max} (got {tr.u_min})")
-        if not tr.u_min <= 1.0 <= tr.u_max:
-            raise ConfigError("methods.tr.u_max", "the clamp [u_min, u_max] must contain U_0 = 1")
 
     def _reset_epoch(self) -> None:
         self._trans = torch.zeros(len(self.layers), dtype=torch.float64)

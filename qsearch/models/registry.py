@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from qsearch.config.catalog import ModelInfo, declare_model
 from qsearch.errors import ConfigError
 
 Builder = Callable[[int, int], nn.Module]
@@ -89,6 +90,7 @@ def register_model(
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         _MODELS[name] = ModelEntry(name, fn, description, input_hint, split)
+        declare_model(ModelInfo(name, description, input_hint, has_split=split is not None))
         return fn
 
     return deco

@@ -22,7 +22,7 @@ from ray.tune import Callback
 from qsearch.search.front import update_snapshot
 from qsearch.search.searcher import TRIAL_KEY, Outcome, QsearchOptunaSearch
 from qsearch.store import Store
-from qsearch.study import StudySpec
+from qsearch.config import StudySpec
 
 log = logging.getLogger(__name__)
 

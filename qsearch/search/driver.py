@@ -36,7 +36,7 @@ from qsearch.errors import ConfigError, StorageError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
 from qsearch.store import Store, StudyRecord, optuna_storage
 from qsearch.store.store import DB_RETRIES
-from qsearch.study import StudySpec
+from qsearch.config import StudySpec
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)

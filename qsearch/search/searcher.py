@@ -31,7 +31,7 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from qsearch.errors import QsearchError
-from qsearch.study import StudySpec
+from qsearch.config import StudySpec
 
 log = logging.getLogger(__name__)
 TRIAL_KEY = "_qsearch_trial"  # config key carrying the Optuna trial number to the worker

@@ -13,7 +13,8 @@ from optuna.distributions import (
 )
 
 from qsearch.errors import ConfigError
-from qsearch.study import CategoricalDist, FloatDist, IntDist, StudySpec
+from qsearch.config import CategoricalDist, FloatDist, IntDist, StudySpec
+from qsearch.config.space import check_asha
 
 
 def optuna_space(spec: StudySpec) -> dict[str, BaseDistribution]:
@@ -51,8 +52,6 @@ def build_scheduler(spec: StudySpec) -> Any:
     if sch.type == "none":
         return FIFOScheduler()
     max_t = spec.max_epochs()
-    if sch.grace_period >= max_t:
-        raise ConfigError("scheduler.grace_period", f"must be below the trial length ({max_t} "
-                          "epochs), or ASHA can never stop a trial early")
+    check_asha(sch.grace_period, max_t)
     return ASHAScheduler(time_attr="epoch", metric=sch.metric, mode="max", max_t=max_t,
                          grace_period=sch.grace_period, reduction_factor=sch.reduction_factor)

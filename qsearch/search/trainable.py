@@ -90,7 +90,7 @@ def run_trial(params: dict[str, Any], *, study: str, base: dict[str, Any], cpus:
     import torch
     from ray import tune
 
-    from qsearch.spec import parse_trial_config, set_dotted
+    from qsearch.config import parse_trial_config, set_dotted
     from qsearch.train import resolve_device, train
     from qsearch.train.checkpoint import atomic_torch_save
 

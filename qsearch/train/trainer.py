@@ -24,12 +24,12 @@ from torch import nn
 from qsearch.cost import LayerCost, compute_cost, count_macs, extra_param_count, layer_costs
 from qsearch.data import load_dataset
 from qsearch.errors import CheckpointError, TrialError
-from qsearch.methods import Method, build_methods
+from qsearch.methods.plugin import Method, build_methods
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert
-from qsearch.spec import TrialConfig
+from qsearch.config import TrialConfig
 from qsearch.train.checkpoint import load_latest, save_checkpoint
-from qsearch.train.context import TrainContext
+from qsearch.methods.plugin import TrainContext
 from qsearch.train.optim import build_optimizer, build_scheduler
 from qsearch.train.warmstart import load_or_train
 

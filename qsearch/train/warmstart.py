@@ -22,11 +22,11 @@ from torch import nn
 from qsearch.data import DatasetBundle, iterate_batches
 from qsearch.models import build_model
 from qsearch.train.checkpoint import atomic_torch_save
-from qsearch.train.context import evaluate
+from qsearch.data.evaluate import evaluate
 from qsearch.train.optim import build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
-    from qsearch.spec import TrialConfig
+    from qsearch.config import TrialConfig
 
 log = logging.getLogger(__name__)
 WARMSTART_VERSION = 1

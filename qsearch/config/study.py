@@ -1,139 +1,47 @@
 """The study spec: what to search, how, where to store it (pydantic v2, versioned).
 
-A :class:`StudySpec` names a model, a dataset, a base :class:`~qsearch.spec.TrialConfig`, the
-objectives, the budget, the per-trial resources, the sampler/scheduler and a search space that
-maps *dotted TrialConfig paths* (``w_bits``, ``methods.lts.warmup_frac``) to distributions.
+A :class:`StudySpec` names a model, a dataset, a base
+:class:`~qsearch.config.trial.TrialConfig`, the objectives (names from the objective
+registry, :mod:`qsearch.config.objectives`), the budget, the per-trial resources, the
+sampler/scheduler and a search space (:mod:`qsearch.config.space`) that maps *dotted
+TrialConfig paths* (``w_bits``, ``methods.lts.warmup_frac``) to distributions.
 
 Everything is checked before anything runs: every path must exist in TrialConfig, every range
 must be non-empty, and every value the sampler could hand out at a boundary (categorical
 choices, range endpoints, fixed values) is turned into a real TrialConfig — so a value the
 trainer would reject is a :class:`~qsearch.errors.ConfigError` naming ``search_space.<path>``
-at load time, not a failed trial an hour later.
+at load time, not a failed trial an hour later. Torch-free.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import json
-import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from qsearch.errors import ConfigError
-from qsearch.spec import (
-    StrictModel,
-    TrialConfig,
-    config_error_from_validation,
-    parse_trial_config,
-    read_mapping,
-    set_dotted,
+from qsearch.config import objectives as objective_registry
+from qsearch.config.base import StrictModel, config_error_from_validation, set_dotted
+from qsearch.config.defaults import DEFAULT_STORAGE
+from qsearch.config.files import read_mapping
+from qsearch.config.space import (
+    CategoricalDist,
+    Distribution,
+    FixedDist,
+    FloatDist,
+    IntDist,
+    check_asha,
+    check_path,
 )
+from qsearch.config.trial import TrialConfig, parse_trial_config
+from qsearch.errors import ConfigError
 
 STUDY_SPEC_VERSION = 1
-DEFAULT_STORAGE = "sqlite:///qsearch.db"
-
-#: Objective name -> Optuna direction. The order of ``objectives`` in a spec is the order of
-#: the Optuna study's values.
-OBJECTIVE_DIRECTIONS: dict[str, Literal["maximize", "minimize"]] = {
-    "accuracy": "maximize",
-    "size_mb": "minimize",
-    "backward_cost": "minimize",
-}
-Objective = Literal["accuracy", "size_mb", "backward_cost"]
-#: Int ranges up to this many values are checked value by value (bits 2..8 etc.).
-_MAX_INT_VALUES_CHECKED = 64
-
-
-# --------------------------------------------------------------------------- distributions
-
-
-class FloatDist(StrictModel):
-    """Uniform (or log-uniform with ``log: true``) float in [low, high]."""
-
-    type: Literal["float"] = "float"
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = Field(None, gt=0)
-
-    @model_validator(mode="after")
-    def _range(self) -> FloatDist:
-        if not self.low < self.high:
-            raise ValueError(f"empty range: low ({self.low}) must be < high ({self.high}); "
-                             "use a fixed value for a constant")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0 (got {self.low})")
-        if self.log and self.step is not None:
-            raise ValueError("step and log cannot be combined")
-        return self
-
-    def boundary_values(self) -> list[Any]:
-        return [self.low, self.high]
-
-
-class IntDist(StrictModel):
-    """Integer in [low, high] (inclusive), optional step or log scale."""
-
-    type: Literal["int"] = "int"
-    low: int
-    high: int
-    step: int = Field(1, ge=1)
-    log: bool = False
-
-    @model_validator(mode="after")
-    def _range(self) -> IntDist:
-        if not self.low < self.high:
-            raise ValueError(f"empty range: low ({self.low}) must be < high ({self.high}); "
-                             "use a fixed value for a constant")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log scale needs low > 0 (got {self.low})")
-        if self.log and self.step != 1:
-            raise ValueError("step and log cannot be combined")
-        return self
-
-    def boundary_values(self) -> list[Any]:
-        values = list(range(self.low, self.high + 1, self.step))
-        if self.log or len(values) > _MAX_INT_VALUES_CHECKED:
-            return [self.low, values[-1]]
-        return values  # small ranges (bit-widths): every value must be one the trainer takes
-
-
-class CategoricalDist(StrictModel):
-    """One of ``choices`` (str, int, float, bool or null, as Optuna stores them)."""
-
-    type: Literal["categorical"] = "categorical"
-    choices: list[Union[None, bool, int, float, str]]
-
-    @field_validator("choices")
-    @classmethod
-    def _non_empty(cls, v: list[Any]) -> list[Any]:
-        if not v:
-            raise ValueError("empty choices: give at least one value")
-        if len({json.dumps(c) for c in v}) != len(v):
-            raise ValueError("choices must be distinct")
-        return v
-
-    def boundary_values(self) -> list[Any]:
-        return list(self.choices)
-
-
-class FixedDist(StrictModel):
-    """A constant: not searched, but set on every trial (a bare scalar in YAML means this)."""
-
-    type: Literal["fixed"] = "fixed"
-    value: Any
-
-    def boundary_values(self) -> list[Any]:
-        return [self.value]
-
-
-Distribution = Annotated[Union[FloatDist, IntDist, CategoricalDist, FixedDist],
-                         Field(discriminator="type")]
+DEFAULT_OBJECTIVES = ("accuracy", "size_mb", "backward_cost")
 
 
 # --------------------------------------------------------------------------- sections
@@ -212,8 +120,7 @@ class StudySpec(StrictModel):
     model: str = "tiny-cnn"
     dataset: str = "digits"
     base: dict[str, Any] = Field(default_factory=dict)
-    objectives: list[Objective] = Field(
-        default_factory=lambda: ["accuracy", "size_mb", "backward_cost"])
+    objectives: list[str] = Field(default_factory=lambda: list(DEFAULT_OBJECTIVES))
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
@@ -221,7 +128,7 @@ class StudySpec(StrictModel):
     search_space: dict[str, Distribution] = Field(default_factory=dict)
     #: Hypervolume reference point per objective; missing objectives get a default from the
     #: observed values (stored with every snapshot).
-    reference_point: dict[Objective, float] = Field(default_factory=dict)
+    reference_point: dict[str, float] = Field(default_factory=dict)
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
 
@@ -235,12 +142,32 @@ class StudySpec(StrictModel):
 
     @field_validator("objectives")
     @classmethod
-    def _two_objectives(cls, v: list[str]) -> list[str]:
+    def _registered_objectives(cls, v: list[str]) -> list[str]:
+        known = objective_registry.objective_names()
+        for name in v:
+            try:
+                objective_registry.get_objective(name)
+            except KeyError:
+                raise ValueError(f"unknown objective {name!r}; choose from "
+                                 f"{', '.join(known)}") from None
+        v = [objective_registry.resolve_name(n) for n in v]
         if len(v) < 2:
-            raise ValueError("give at least two of accuracy, size_mb, backward_cost")
+            raise ValueError(f"give at least two of {', '.join(known)}")
         if len(set(v)) != len(v):
             raise ValueError("objectives must be distinct")
         return v
+
+    @field_validator("reference_point")
+    @classmethod
+    def _reference_names(cls, v: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for name, value in v.items():
+            try:
+                out[objective_registry.get_objective(name).name] = value
+            except KeyError:
+                raise ValueError(f"unknown objective {name!r}; choose from "
+                                 f"{', '.join(objective_registry.objective_names())}") from None
+        return out
 
     @model_validator(mode="after")
     def _check_against_trial_config(self) -> StudySpec:
@@ -256,16 +183,14 @@ class StudySpec(StrictModel):
                     inner = config_error_from_validation(e) if isinstance(e, ValidationError) else e
                     raise ConfigError(f"search_space.{path}",
                                       f"value {value!r} is rejected by the trainer ({inner})") from None
-        if self.scheduler.type == "asha" and self.scheduler.grace_period >= self.max_epochs():
-            raise ConfigError("scheduler.grace_period",
-                              f"must be below the trial length ({self.max_epochs()} epochs), "
-                              "or ASHA can never stop a trial early")
+        if self.scheduler.type == "asha":
+            check_asha(self.scheduler.grace_period, self.max_epochs())
         return self
 
     # ------------------------------------------------------------------ helpers
     @property
     def directions(self) -> list[str]:
-        return [OBJECTIVE_DIRECTIONS[o] for o in self.objectives]
+        return [objective_registry.direction_of(o) for o in self.objectives]
 
     def base_data(self) -> dict[str, Any]:
         """The base TrialConfig mapping with model, dataset and fixed values applied."""
@@ -316,57 +241,6 @@ class StudySpec(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# --------------------------------------------------------------------------- paths
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip Optional/Annotated so we can see whether a field is a nested section."""
-    origin = typing.get_origin(annotation)
-    if origin is Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _unwrap(args[0]) if len(args) == 1 else annotation
-    return annotation
-
-
-def check_path(path: str) -> None:
-    """Raise ConfigError unless ``path`` names a leaf field of TrialConfig.
-
-    ``layers.<module name>.w_bits`` is allowed (module names may contain dots); whether the
-    layer exists is only known once the model is built, so the trainer checks that.
-    """
-    field = f"search_space.{path}"
-    parts = path.split(".")
-    model: type[BaseModel] = TrialConfig
-    i = 0
-    while i < len(parts):
-        part = parts[i]
-        fields = model.model_fields
-        if part not in fields:
-            close = difflib.get_close_matches(part, list(fields), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else \
-                f"; fields here: {', '.join(fields)}"
-            raise ConfigError(field, f"unknown TrialConfig path ({part!r} is not a field{hint})")
-        if path.startswith("layers.") and part == "layers":
-            from qsearch.spec import LayerRule
-
-            if len(parts) < 3 or parts[-1] not in LayerRule.model_fields:
-                raise ConfigError(field, "use layers.<module name>.w_bits or .a_bits")
-            return
-        ann = _unwrap(fields[part].annotation)
-        is_section = isinstance(ann, type) and issubclass(ann, BaseModel)
-        last = i == len(parts) - 1
-        if is_section and last:
-            raise ConfigError(field, f"is a section, not a value; name one of its fields: "
-                              f"{', '.join(ann.model_fields)}")
-        if not is_section and not last:
-            raise ConfigError(field, f"{part!r} is a value, not a section")
-        if is_section:
-            model = ann
-        i += 1
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -377,7 +251,7 @@ def parse_study_spec(data: dict[str, Any]) -> StudySpec:
     try:
         return StudySpec.model_validate(data)
     except ValidationError as e:
-        err = config_error_from_validation(e)
+        err = config_error_from_validation(e, root=StudySpec)
         loc = e.errors()[0]["loc"]
         # Name the search-space key, not pydantic's union tag (search_space.lr.float.low).
         if len(loc) >= 2 and loc[0] == "search_space":

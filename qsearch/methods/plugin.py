@@ -1,10 +1,12 @@
-"""The method plug-in interface of the shared trainer.
+"""The plug-in interface between the shared trainer and the QAT methods.
 
-A QAT technique is a :class:`Method` subclass registered under its config name with
-:func:`register_method`. The trainer calls the hooks below in this order, for every enabled
-method in the fixed order of :data:`METHOD_ORDER`::
+A QAT technique is a :class:`Method` subclass (the *handler*) plus a torch-free config section
+registered with :func:`qsearch.config.methods.register_method`, which also fixes its hook
+order. The trainer builds the enabled handlers with :func:`build_methods` and calls the hooks
+below, for every enabled method in registry order::
 
-    precision_stage   once, before LSQ conversion (CSQ learns per-layer bits here)
+    precision_stage   once, before LSQ conversion (CSQ learns per-layer bits here, by running
+                      training stages through ``ctx.trainer`` — the shared loop)
     attach            once, after conversion and warm start, before the optimizer exists
     configure_optimizer  once, right after the optimizer is built
     -- every step --
@@ -20,34 +22,68 @@ method in the fixed order of :data:`METHOD_ORDER`::
 ``extra_backward_bops`` adds the cost of extra branches. Method state that must survive a
 resume goes in ``state_dict`` (tensors and plain values only; loaded with weights_only=True)
 or in module buffers the method registers on the model.
+
+Methods talk to each other only through :class:`TrainContext` and the trainer: one method never
+imports another's module.
 """
 
 from __future__ import annotations
 
 from abc import ABC
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+import torch
+from torch import nn
+
+from qsearch.config.methods import MethodConfig, method_entries
+from qsearch.data import DatasetBundle, iterate_batches
+from qsearch.data.evaluate import evaluate
 
 if TYPE_CHECKING:
-    import torch
+    from qsearch.config.trial import TrialConfig
+    from qsearch.quant import QuantLayer
 
-    from qsearch.train.context import TrainContext
 
+@dataclass
+class TrainContext:
+    config: TrialConfig
+    device: torch.device
+    data: DatasetBundle
+    model: nn.Module
+    steps_per_epoch: int
+    fp_model: nn.Module | None = None  # frozen FP32 warm-start partner, when a method asks
+    qlayers: dict[str, QuantLayer] = field(default_factory=dict)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    epoch: int = 0  # epochs completed before the current one
+    step: int = 0  # global training step
+    qat_start_epoch: int = 0  # a precision stage (CSQ) may consume the first epochs
+    report: Callable[[dict[str, Any]], None] | None = None
+    input_shape: tuple[int, int, int] = (1, 8, 8)
 
-class MethodConfig(BaseModel):
-    """Base of each ``methods.<name>`` section: off by default, unknown keys rejected."""
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.config.epochs
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches of ``epoch``, on the device, in an order fixed by (seed, epoch)."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        for x, y in iterate_batches(self.data, "train", self.config.batch_size, shuffle=True,
+                                    generator=g):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    enabled: bool = False
+    def evaluate(self, model: nn.Module | None = None) -> tuple[float, float]:
+        """(top-1 accuracy, mean loss) on the held-out split."""
+        return evaluate(model or self.model, self.data, self.device, self.config.batch_size)
 
 
 class Method(ABC):  # noqa: B024 - every hook has a do-nothing default on purpose
     """One QAT technique plugged into the trainer. Override only the hooks you need."""
 
-    name: ClassVar[str]
+    #: The ``methods.<name>`` key; set from the registry entry when the method is built.
+    name: str = ""
     #: Set to True when the method needs the frozen FP32 warm-start model (``ctx.fp_model``).
     needs_fp_partner: ClassVar[bool] = False
 
@@ -111,28 +147,14 @@ class Method(ABC):  # noqa: B024 - every hook has a do-nothing default on purpos
         return None
 
 
-METHOD_ORDER: tuple[str, ...] = ("csq", "blockrep", "lts", "tr", "gradq")
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: register a Method under its ``methods.<name>`` config key."""
-
-    def deco(cls: type[Method]) -> type[Method]:
-        if name not in METHOD_ORDER:
-            raise ValueError(f"method {name!r} must be listed in METHOD_ORDER")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name]}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def method_class(name: str) -> type[Method]:
-    return _REGISTRY[name]
-
-
-def registered_methods() -> list[str]:
-    return [n for n in METHOD_ORDER if n in _REGISTRY]
+def build_methods(config: TrialConfig) -> list[Method]:
+    """Instantiate the enabled methods' handlers, in registry (hook) order."""
+    out: list[Method] = []
+    for entry in method_entries():
+        section = config.methods[entry.name]
+        if section.enabled:
+            handler = entry.load_handler()
+            method = handler(section)
+            method.name = entry.name
+            out.append(method)
+    return out

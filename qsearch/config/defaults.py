@@ -1,0 +1,68 @@
+"""Defaults and environment variables, read in one place and only when asked for.
+
+Nothing here runs at import: a value read at import time would freeze whatever the
+environment held when the module was first imported (a test, a worker started before the
+driver set the variable). Every function reads the environment on each call.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Where studies go when neither the spec, ``--storage`` nor ``QSEARCH_STORAGE`` says.
+DEFAULT_STORAGE = "sqlite:///qsearch.db"
+DEFAULT_CACHE_DIR = "~/.cache/qsearch"
+
+#: Every environment variable qsearch reads, with what it means (``qsearch --help`` lists them).
+ENV_VARS: dict[str, str] = {
+    "QSEARCH_STORAGE": f"database URL used when none is given (default {DEFAULT_STORAGE})",
+    "QSEARCH_CACHE": f"cache folder for FP32 warm starts (default {DEFAULT_CACHE_DIR})",
+    "QSEARCH_DB_RETRIES": "attempts per database operation on transient errors (default 6)",
+    "QSEARCH_DB_RETRY_BASE_S": "first retry back-off in seconds, doubled each time (default 0.2)",
+    "QSEARCH_DB_POOL_SIZE": "connections kept per process on PostgreSQL (default 5)",
+    "QSEARCH_DB_MAX_OVERFLOW": "extra connections allowed under load (default 5)",
+    "QSEARCH_LEASE_TIMEOUT_S": "seconds without heartbeat before a driver lease is stale (60)",
+}
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        from qsearch.errors import ConfigError
+
+        raise ConfigError(name, f"must be a number (got {raw!r})") from None
+
+
+def storage_url(explicit: str | None = None) -> str:
+    """The database URL: ``explicit``, else ``QSEARCH_STORAGE``, else the SQLite default."""
+    return explicit or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE
+
+
+def cache_root(explicit: str | None = None) -> Path:
+    """The cache folder: ``explicit``, else ``QSEARCH_CACHE``, else ``~/.cache/qsearch``."""
+    return Path(explicit or os.environ.get("QSEARCH_CACHE") or DEFAULT_CACHE_DIR).expanduser()
+
+
+def db_retries() -> int:
+    return max(1, int(_env_float("QSEARCH_DB_RETRIES", 6)))
+
+
+def db_retry_base_s() -> float:
+    return _env_float("QSEARCH_DB_RETRY_BASE_S", 0.2)
+
+
+def db_pool_size() -> int:
+    return int(_env_float("QSEARCH_DB_POOL_SIZE", 5))
+
+
+def db_max_overflow() -> int:
+    return int(_env_float("QSEARCH_DB_MAX_OVERFLOW", 5))
+
+
+def lease_timeout_s() -> float:
+    return _env_float("QSEARCH_LEASE_TIMEOUT_S", 60.0)

@@ -1,0 +1,122 @@
+"""The objective registry: every number a study can optimize, and what it is.
+
+An :class:`Objective` says how a value is read from a finished trial (``metric_key`` in the
+trainer's final metrics), which way is better, its unit and label (CLI, dashboards, exports
+all print these, never a hard-coded name), and *what kind of figure it is*:
+
+* ``measured``  — timed or evaluated on the trial's device (accuracy, seconds);
+* ``executed``  — counted from the operations that really ran;
+* ``computed``  — exact arithmetic on the config and the model (size from bits and params);
+* ``modelled``  — a formula for hypothetical hardware, not executed anywhere.
+
+Adding an objective is one :func:`register_objective` call plus the code that puts
+``metric_key`` into the trainer's metrics; the study spec, the store (values are stored by
+name), ``qsearch pareto``, export and the dashboards pick it up from here. The registry is
+torch-free, like everything in :mod:`qsearch.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["maximize", "minimize"]
+Kind = Literal["measured", "executed", "computed", "modelled"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    direction: Direction
+    label: str
+    unit: str = ""
+    kind: Kind = "measured"
+    #: Key of the value in the trainer's per-epoch/final metrics (usually ``name``).
+    metric_key: str = ""
+    #: How a trial's value is formed from its epochs: the final epoch's value.
+    aggregate: Literal["final"] = "final"
+    #: Known from the config alone, before any training (sizes, modelled costs).
+    known_before_training: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.metric_key:
+            object.__setattr__(self, "metric_key", self.name)
+
+    @property
+    def axis_title(self) -> str:
+        """Label with unit and kind for a plot axis, e.g. ``size (MB, computed)``."""
+        inner = ", ".join(p for p in (self.unit, self.kind) if p)
+        return f"{self.label} ({inner})" if inner else self.label
+
+    @property
+    def better(self) -> str:
+        return "higher is better" if self.direction == "maximize" else "lower is better"
+
+
+_OBJECTIVES: dict[str, Objective] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_objective(obj: Objective, *, replace: bool = False) -> Objective:
+    """Add ``obj`` to the registry (a name registered twice is an error unless ``replace``)."""
+    if obj.direction not in ("maximize", "minimize"):
+        raise ValueError(f"objective {obj.name!r}: direction must be maximize or minimize")
+    if obj.name in _OBJECTIVES and not replace and _OBJECTIVES[obj.name] != obj:
+        raise ValueError(f"objective {obj.name!r} is already registered")
+    _OBJECTIVES[obj.name] = obj
+    return obj
+
+
+def unregister_objective(name: str) -> None:
+    """Remove a registered objective (for tests and plug-ins that register temporarily)."""
+    _OBJECTIVES.pop(name, None)
+
+
+def register_alias(old: str, new: str) -> None:
+    """``old`` keeps working in specs as the previous name of ``new``."""
+    _ALIASES[old] = new
+
+
+def resolve_name(name: str) -> str:
+    return _ALIASES.get(name, name)
+
+
+def get_objective(name: str) -> Objective:
+    """The registered objective ``name`` (KeyError if unknown; callers name the field)."""
+    return _OBJECTIVES[resolve_name(name)]
+
+
+def objective_names() -> list[str]:
+    return list(_OBJECTIVES)
+
+
+def objectives() -> list[Objective]:
+    return list(_OBJECTIVES.values())
+
+
+def label_of(name: str) -> str:
+    """Axis title of a registered objective, or the bare name for one a store knows and this
+    installation does not (a study written by a plug-in that is not installed)."""
+    try:
+        return get_objective(name).axis_title
+    except KeyError:
+        return name
+
+
+def direction_of(name: str) -> Direction:
+    return get_objective(name).direction
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+ACCURACY = register_objective(Objective(
+    "accuracy", "maximize", "accuracy", unit="top-1", kind="measured",
+    description="top-1 accuracy of the final model on the held-out split"))
+SIZE_MB = register_objective(Objective(
+    "size_mb", "minimize", "size", unit="MB", kind="computed", known_before_training=True,
+    description="weights at their bit widths plus FP32 extras (BN, biases, step sizes)"))
+BACKWARD_COST = register_objective(Objective(
+    "backward_cost", "minimize", "backward cost", unit="x FP32 BOPs", kind="modelled",
+    description="bit-operations of the backward pass on low-precision training hardware, "
+                "as a ratio to FP32 training; a model, not executed here"))

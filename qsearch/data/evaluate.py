@@ -1,0 +1,25 @@
+"""Top-1 accuracy and mean loss of a model on one split of a dataset bundle."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qsearch.data.registry import DatasetBundle, iterate_batches
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DatasetBundle, device: torch.device, batch_size: int,
+             split: str = "test") -> tuple[float, float]:
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in iterate_batches(data, split, max(batch_size, 256), shuffle=False):
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    model.train(was)
+    return correct / max(1, total), loss_sum / max(1, total)
