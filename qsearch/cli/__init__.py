@@ -12,13 +12,13 @@ import sys
 import click
 import typer
 
-try:  # typer >= 0.16 vendors click; catch both flavours of its exceptions
-    from typer._click import exceptions as _tx
-except ImportError:  # pragma: no cover
-    _tx = click.exceptions
-_UsageError = (click.exceptions.UsageError, _tx.UsageError)
-_Abort = (click.exceptions.Abort, getattr(typer, "Abort", click.exceptions.Abort))
-_Exit = (click.exceptions.Exit, getattr(typer, "Exit", click.exceptions.Exit))
+from typer.exceptions import TyperException
+
+# typer >= 0.16 vendors click, so its usage errors are not click's: both derive from a public
+# base (click's ClickException, typer's TyperException) and carry ``format_message``.
+_ClickErrors = (click.exceptions.ClickException, TyperException)
+_Abort = (click.exceptions.Abort, typer.Abort)
+_Exit = (click.exceptions.Exit, typer.Exit)
 from rich.console import Console
 
 from qsearch.errors import QsearchError
@@ -53,16 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     except QsearchError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False)
         return 2
-    except _UsageError as e:
-        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False)
-        if e.ctx is not None:
-            err_console.print(f"Try '{e.ctx.command_path} --help'.", highlight=False)
-        return 2
     except _Abort:
         err_console.print("aborted")
         return 130
     except _Exit as e:
         return e.exit_code
+    except _ClickErrors as e:
+        if not hasattr(e, "format_message"):
+            raise
+        err_console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False)
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None:
+            err_console.print(f"Try '{ctx.command_path} --help'.", highlight=False)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 

@@ -1,7 +1,7 @@
 """The driver's Tune callback: the one place trial events become store rows.
 
 Tune calls the searcher before the callbacks, so by the time :class:`StoreCallback` sees a
-trial end, :class:`~qsearch.search.searcher.QsearchOptunaSearch` has told Optuna; the
+trial end, :class:`~qsearch.search.searcher.StudySearcher` has told Optuna; the
 callback then writes the same outcome to qsearch's tables, the per-layer records, and a new
 Pareto snapshot when a trial COMPLETEs. On errors the order is reversed for the message:
 the callback reads it from the trial and hands it to the searcher (:meth:`fail`).
@@ -19,20 +19,22 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune import Callback
 
-from qsearch.search.front import update_snapshot
-from qsearch.search.searcher import TRIAL_KEY, Outcome, QsearchOptunaSearch
-from qsearch.store import Store
+from qsearch import protocol as P
 from qsearch.config import StudySpec
+from qsearch.config.objectives import objectives as registered_objectives
+from qsearch.search.front import update_snapshot
+from qsearch.search.searcher import Outcome, StudySearcher
+from qsearch.store import Store
 
 log = logging.getLogger(__name__)
 
 #: Keys Tune adds to every result; everything else came from the trainer.
-_TUNE_KEYS = {
+_TUNE_KEYS = frozenset({
     "config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s",
     "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
     "iterations_since_restore", "training_iteration", "done", "checkpoint_dir_name",
     "should_checkpoint",
-}
+})
 
 
 def trial_error_message(trial: Any) -> str:
@@ -83,7 +85,7 @@ def _deferring_errors(hook: Callable[..., None]) -> Callable[..., None]:
 
 class StoreCallback(Callback):
     def __init__(self, store: Store, study_id: int, spec: StudySpec,
-                 searcher: QsearchOptunaSearch, on_event: Callable[[str, int, dict], None] | None = None):
+                 searcher: StudySearcher, on_event: Callable[[str, int, dict], None] | None = None):
         self.store, self.study_id, self.spec, self.searcher = store, study_id, spec, searcher
         self.on_event = on_event or (lambda *_: None)
         self.max_epochs = spec.max_epochs()
@@ -108,27 +110,33 @@ class StoreCallback(Callback):
             return
         history.append(where)
         self.store.set_placement(self.study_id, number, where)
-        ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
+        ot = self.searcher.optuna_trial(trial.trial_id)
         if ot is not None:
-            ot.set_user_attr("placements", history)  # one entry per attempt
+            ot.set_user_attr(P.ATTR_PLACEMENTS, history)  # one entry per attempt
 
     @staticmethod
     def _number(trial: Any) -> int | None:
-        n = (trial.config or {}).get(TRIAL_KEY)
-        return int(n) if n is not None else None
+        job = P.TrialAssignment.from_tune(trial.config or {})
+        return job.number if job is not None else None
 
     def _record_end(self, trial: Any, number: int, outcome: Outcome) -> None:
         last = dict(trial.last_result or {})
         done = outcome.state == TrialState.COMPLETE
-        # All four cost columns are kept, objectives or not: dashboards plot them.
-        values = {**{k: last.get(k) for k in ("accuracy", "size_mb", "backward_cost", "bops")},
-                  **outcome.values} if done else None
+        # Every registered objective the trial measured is kept, optimized or not:
+        # dashboards can re-draw the front on any of them.
+        values = None
+        if done:
+            values = {o.name: last[o.metric_key] for o in registered_objectives()
+                      if isinstance(last.get(o.metric_key), (int, float))}
+            values.update(outcome.values)
+            if isinstance(last.get("bops"), (int, float)):
+                values.setdefault("bops", last["bops"])
         self.store.trial_finished(
             self.study_id, number, state=outcome.state.name, detail=outcome.detail,
             counted=outcome.counted, values=values,
             epochs_completed=outcome.epochs_completed, error=outcome.error,
-            layers=last.get("qsearch_layers") if done else None,
-            weights_path=last.get("qsearch_weights") if done else None)
+            layers=last.get(P.LAYERS) if done else None,
+            weights_path=last.get(P.WEIGHTS) if done else None)
         if done:
             update_snapshot(self.store, self.study_id, list(self.spec.objectives),
                             list(self.spec.directions), trigger_trial=number,
@@ -149,13 +157,12 @@ class StoreCallback(Callback):
         number = self._number(trial)
         if number is None:
             return
-        params = {k: v for k, v in trial.config.items() if k != TRIAL_KEY}
-        ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
-        config = ot.user_attrs.get("config") if ot is not None else None
+        job = P.TrialAssignment.from_tune(trial.config)
         self.store.trial_started(self.study_id, number,
-                                 optuna_trial_id=getattr(ot, "_trial_id", None), params=params,
-                                 config=config, max_epochs=self.max_epochs)
-        self.on_event("start", number, {"params": params})
+                                 optuna_trial_id=self.searcher.optuna_trial_id(trial.trial_id),
+                                 params=job.params, config=job.config,
+                                 max_epochs=self.max_epochs)
+        self.on_event("start", number, {"params": job.params})
 
     @_deferring_errors
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
@@ -163,12 +170,10 @@ class StoreCallback(Callback):
         number = self._number(trial)
         if number is None:
             return
-        self._record_placement(trial, number, result.get("qsearch_placement"))
-        if "epoch" not in result:
+        self._record_placement(trial, number, result.get(P.PLACEMENT))
+        if P.EPOCH not in result:
             return
-        metrics = {k: v for k, v in result.items()
-                   if k not in _TUNE_KEYS and not k.startswith("qsearch_")
-                   and isinstance(v, (int, float, str, bool))}
+        metrics = P.trainer_metrics(result, _TUNE_KEYS)
         self.store.record_epoch(self.study_id, number, metrics)
         self.on_event("epoch", number, metrics)
 
@@ -192,9 +197,9 @@ class StoreCallback(Callback):
             log.warning("trial %s restarted by Tune after it ended; its outcome stands", number)
             return
         retries = self.store.trial_retried(self.study_id, number)
-        ot = self.searcher._ot_trials.get(trial.trial_id)  # noqa: SLF001 - our subclass
+        ot = self.searcher.optuna_trial(trial.trial_id)
         if ot is not None:
-            ot.set_user_attr("qsearch_retries", retries)
+            ot.set_user_attr(P.ATTR_RETRIES, retries)
         message = trial_error_message(trial)
         log.warning("trial %s failed (%s); restart %d of at most %d from its last checkpoint",
                     number, message, retries, self.spec.failure.max_failures)
@@ -205,7 +210,7 @@ class StoreCallback(Callback):
         number = self._number(trial)
         if number is None:
             return
-        epoch = int((trial.last_result or {}).get("epoch", 0) or 0)
+        epoch = int((trial.last_result or {}).get(P.EPOCH, 0) or 0)
         outcome = self.searcher.fail(trial.trial_id, trial_error_message(trial),
                                      epochs_completed=epoch)
         if outcome is not None:

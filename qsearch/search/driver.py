@@ -9,7 +9,7 @@ Order of work, and why:
    Trials a crashed driver left RUNNING are marked FAIL "driver lost" before anything new
    starts; they do not use up budget. Finished trials do: only the remainder is run.
 4. Ray (local unless an address is given) runs the trials through a Tune Tuner with our
-   OptunaSearch subclass, resources per trial, concurrency limit and scheduler; the Tune
+   searcher over Optuna's ask/tell, resources per trial, concurrency limit and scheduler; the Tune
    callback writes every event to the store and a Pareto snapshot per completed trial.
 5. However the run ends (budget, time limit, Ctrl-C, lost lease, error), trials still open
    are marked FAIL "interrupted" and the lease is released: nothing stays RUNNING.
@@ -17,6 +17,7 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import threading
@@ -32,6 +33,9 @@ from optuna.trial import TrialState
 from ray.tune import Stopper
 from sqlalchemy.engine import make_url
 
+from qsearch import protocol as P
+from qsearch.config.defaults import cache_root
+from qsearch.config.objectives import get_objective
 from qsearch.errors import ConfigError, StorageError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
 from qsearch.store import Store, StudyRecord, optuna_storage
@@ -70,6 +74,27 @@ def artifacts_dir(spec: StudySpec) -> Path:
 def checkpoints_path(spec: StudySpec) -> str:
     """Ray Tune's storage path (trial checkpoints): a shared path or an ``s3://``-style URI."""
     return spec.artifacts.checkpoints or str(artifacts_dir(spec) / "ray_results")
+
+
+def with_absolute_cache(spec: StudySpec) -> StudySpec:
+    """The spec with ``warm_start.cache_dir`` made absolute (from the spec or
+    ``QSEARCH_CACHE``), so every trial's config names the same cache wherever its worker
+    runs (Tune runs each trial in its own working directory). Only the configs sent to
+    workers change; the stored spec and its hashes stay as the user wrote them."""
+    ws = spec.base.get("warm_start") or {}
+    root = cache_root(ws.get("cache_dir")).resolve()
+    base = copy.deepcopy(spec.base)
+    base.setdefault("warm_start", {})["cache_dir"] = str(root)
+    return spec.model_copy(update={"base": base})
+
+
+def objective_keys(spec: StudySpec) -> list[str]:
+    """The trainer metric keys the scheduler and searcher read (an error result carries NaN
+    for each, so Tune's checks pass)."""
+    keys = [get_objective(o).metric_key for o in spec.objectives]
+    if spec.scheduler.type != "none":
+        keys.append(get_objective(spec.scheduler.metric).metric_key)
+    return list(dict.fromkeys(keys))
 
 
 def _check_storage_url(spec: StudySpec) -> None:
@@ -111,17 +136,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False)
-            if t.state in FINISHED and t.user_attrs.get("qsearch_counted", True)]
+            if t.state in FINISHED and t.user_attrs.get(P.ATTR_COUNTED, True)]
 
 
-def reap_lost_trials(study: optuna.Study, store: Store, study_id: int,
-                     reason: str = "driver lost") -> list[int]:
+def reap_lost_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, store: Store,
+                     study_id: int, reason: str = "driver lost") -> list[int]:
     """Mark trials left RUNNING (by a crashed driver) FAIL in Optuna and in the store."""
     lost = []
+    optuna_study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage = study._storage  # noqa: SLF001 - Optuna's public storage API on a RUNNING trial
-        for k, v in {"error": reason, "qsearch_detail": reason, "qsearch_counted": False}.items():
-            storage.set_trial_user_attr(t._trial_id, k, v)  # noqa: SLF001
+        trial_id = storage.get_trial_id_from_study_id_trial_number(optuna_study_id, t.number)
+        for k, v in {P.ATTR_ERROR: reason, P.ATTR_DETAIL: reason, P.ATTR_COUNTED: False}.items():
+            storage.set_trial_user_attr(trial_id, k, v)
         study.tell(t.number, state=TrialState.FAIL)
         store.trial_finished(study_id, t.number, state="FAIL", detail=reason, counted=False,
                              error=reason)
@@ -191,17 +217,11 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
 
     from qsearch.search.callback import StoreCallback
     from qsearch.search.display import LiveDisplay
-    from qsearch.search.searcher import QsearchOptunaSearch
+    from qsearch.search.searcher import StudySearcher
     from qsearch.search.trainable import run_trial
 
     t0 = time.perf_counter()
     _check_storage_url(spec)
-    base = spec.base_data()
-    ws = base.get("warm_start") or {}
-    if ws.get("cache_dir"):
-        base.setdefault("warm_start", {})["cache_dir"] = str(Path(ws["cache_dir"]).expanduser().resolve())
-    cache = os.environ.get("QSEARCH_CACHE")
-    cache = str(Path(cache).expanduser().resolve()) if cache else None
 
     store = Store(spec.storage, retries=1)  # a wrong or unreachable URL fails fast...
     rec, _ = _open_study(spec, store)
@@ -224,7 +244,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(spec.objectives))
         study.set_user_attr("qsearch_spec_hash", spec.spec_hash())
-        reap_lost_trials(study, store, rec.id)
+        reap_lost_trials(study, storage, store, rec.id)
         done = len(counted_trials(study))
         remaining = spec.budget.num_trials - done
         if remaining <= 0:
@@ -234,14 +254,16 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         init_ray(ray_address, num_cpus, quiet=display)
         n_before = len(study.trials)
         sampler = build_sampler(spec, seed_offset=n_before)
-        searcher = QsearchOptunaSearch(spec, optuna_space(spec), storage, sampler)
+        # The same study, loaded with the spec's sampler (seeded past the trials it holds).
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
+        searcher = StudySearcher(with_absolute_cache(spec), study, storage, optuna_space(spec))
         view = LiveDisplay(spec.name, spec.budget.num_trials, done, console=console,
                            enabled=display)
         callback = StoreCallback(store, rec.id, spec, searcher, on_event=view.event)
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, study=spec.name, base=base,
-                                 cpus=spec.resources.cpu, artifacts_dir=str(artifacts_dir(spec)),
-                                 cache_dir=cache),
+            tune.with_parameters(run_trial, study=spec.name, cpus=spec.resources.cpu,
+                                 artifacts_dir=str(artifacts_dir(spec)),
+                                 objective_keys=objective_keys(spec)),
             {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
         tuner = tune.Tuner(
@@ -270,7 +292,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
             # Nothing this driver started may stay RUNNING (e.g. a trial Optuna created twice
             # when a dropped connection made a commit look failed).
             try:
-                reap_lost_trials(searcher.study, store, rec.id, reason="interrupted")
+                reap_lost_trials(searcher.study, storage, store, rec.id, reason="interrupted")
             except Exception as e:  # noqa: BLE001 - the next launch reaps them instead
                 log.warning("could not close the study's open trials: %s", e)
         hb.stop_event.set()
@@ -302,8 +324,8 @@ def _result(name: str, study: optuna.Study, status: str, t0: float) -> LaunchRes
         study=name, status=status, counted=len(counted),
         complete=sum(t.state == TrialState.COMPLETE for t in trials),
         pruned=sum(t.state == TrialState.PRUNED for t in trials),
-        failed=sum(t.state == TrialState.FAIL and t.user_attrs.get("qsearch_counted", True)
+        failed=sum(t.state == TrialState.FAIL and t.user_attrs.get(P.ATTR_COUNTED, True)
                    for t in trials),
-        lost=sum(t.state == TrialState.FAIL and not t.user_attrs.get("qsearch_counted", True)
+        lost=sum(t.state == TrialState.FAIL and not t.user_attrs.get(P.ATTR_COUNTED, True)
                  for t in trials),
         wall_s=time.perf_counter() - t0)

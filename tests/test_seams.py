@@ -1,0 +1,206 @@
+"""The seams between qsearch's parts: torch-free config, no import cycles, one-way arrows,
+no private attributes of other libraries."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "qsearch"
+
+
+# --------------------------------------------------------------------------- import graph
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _top_level_imports(tree: ast.Module, module: str, is_pkg: bool) -> set[str]:
+    """Modules imported when ``module`` is imported: top-level statements only (imports in
+    functions run later; ``if TYPE_CHECKING:`` blocks never run)."""
+    out: set[str] = set()
+
+    def visit(stmts: list[ast.stmt]) -> None:
+        for node in stmts:
+            if isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".") if is_pkg else module.split(".")[:-1]
+                    base = base[: len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                out.add(target)
+                out.update(f"{target}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.If) and not _is_type_checking(node):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for h in node.handlers:
+                    visit(h.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+
+    visit(tree.body)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        tree = ast.parse(path.read_text())
+        edges: set[str] = set()
+        for target in _top_level_imports(tree, mod, path.name == "__init__.py"):
+            if not target.startswith("qsearch"):
+                continue
+            parts = target.split(".")
+            # Importing a.b.c imports a, a.b and a.b.c (except the packages containing us).
+            for i in range(1, len(parts) + 1):
+                name = ".".join(parts[:i])
+                if name in files and not (mod == name or mod.startswith(name + ".")):
+                    edges.add(name)
+        graph[mod] = edges
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(10_000)
+    for v in graph:
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_the_graph_sees_imports() -> None:
+    """Guard for the cycle test: the graph holds the edges it should."""
+    g = import_graph()
+    assert "qsearch.config.trial" in g["qsearch.config.study"]
+    assert "qsearch.methods.plugin" in g["qsearch.train.trainer"]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles(import_graph()) == []
+
+
+def _reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for w in graph.get(todo.pop(), ()):
+            if w not in seen:
+                seen.add(w)
+                todo.append(w)
+    return seen
+
+
+def test_arrows_point_one_way() -> None:
+    """config is the bottom layer; train knows nothing of search or store, and of methods
+    only their plug-in interface."""
+    g = import_graph()
+    for mod in g:
+        reach = _reach(g, mod)
+        if mod.startswith("qsearch.config"):
+            bad = {r for r in reach if not r.startswith(("qsearch.config", "qsearch.errors"))
+                   and r != "qsearch"}
+            assert not bad, f"{mod} imports {bad}"
+        if mod.startswith("qsearch.train"):
+            bad = {r for r in reach if r.startswith(("qsearch.search", "qsearch.store",
+                                                     "qsearch.cli", "qsearch.protocol"))}
+            bad |= {r for r in g[mod] if r.startswith("qsearch.methods.")
+                    and r != "qsearch.methods.plugin"}
+            assert not bad, f"{mod} imports {bad}"
+
+
+# --------------------------------------------------------------------------- torch-free
+
+
+def _run(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_config_and_every_study_spec_parse_without_torch() -> None:
+    code = (
+        "import sys, glob\n"
+        "import qsearch.config as c\n"
+        "specs = sorted(glob.glob('studies/*.yaml'))\n"
+        "assert specs\n"
+        "for f in specs:\n"
+        "    s = c.load_study_spec(f)\n"
+        "    s.trial_config({})\n"
+        "heavy = [m for m in ('torch', 'ray', 'optuna', 'sqlalchemy') if m in sys.modules]\n"
+        "print(len(specs), heavy)\n"
+    )
+    n, heavy = _run(code).split(" ", 1)
+    assert int(n) >= 5
+    assert heavy == "[]"
+
+
+def test_help_does_not_import_torch() -> None:
+    code = ("import sys\nfrom qsearch.cli import main\nrc = main(['--help'])\n"
+            "print(rc, 'torch' in sys.modules, 'ray' in sys.modules)")
+    assert _run(code).splitlines()[-1] == "0 False False"
+
+
+# --------------------------------------------------------------------------- privates
+
+PRIVATE = ("._ot_", "._storage", "._trial_id", "typer._click", "._study_id")
+
+
+@pytest.mark.parametrize("needle", PRIVATE)
+def test_no_private_attributes_of_optuna_ray_or_typer(needle: str) -> None:
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in list(PKG.rglob("*.py"))
+            + list((ROOT / "dashboards").rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if needle in line]
+    assert hits == []
