@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from qsearch.config.objectives import get_objective
+
 
 def to_minimization(values: np.ndarray | Sequence[Sequence[float]],
                     directions: Sequence[str]) -> np.ndarray:
@@ -103,24 +105,41 @@ def hypervolume(values: np.ndarray | Sequence[Sequence[float]], directions: Sequ
     return _hv_min(v, r)
 
 
+def _floor(name: str) -> float | None:
+    """A natural bound of a registered objective, from its unit: a top-1 accuracy is at
+    least 0 (any classifier beats it), a cost given as a ratio to FP32 is worth at most
+    1.0 (the FP32 cost) as a reference. None for anything else (and unknown names)."""
+    try:
+        unit = get_objective(name).unit
+    except KeyError:
+        return None
+    if unit == "top-1":
+        return 0.0
+    if unit.startswith("x FP32"):
+        return 1.0
+    return None
+
+
 def default_reference(values: np.ndarray | Sequence[Sequence[float]], objectives: Sequence[str],
                       directions: Sequence[str], given: dict[str, float] | None = None
                       ) -> list[float]:
-    """A reference point: the spec's value where given; else 0 for accuracy (any classifier
-    beats it), and 1.1 x the worst observed value (at least 1.0 for backward_cost, the FP32
-    cost) for minimised objectives. Stored with each snapshot, since observed values move."""
+    """A reference point: the spec's value where given; else, for a maximised objective,
+    the worst observed value less 10 % (an accuracy: 0 at most); for a minimised one 1.1 x
+    the worst observed value (a cost relative to FP32: at least 1.1 x the FP32 cost). The
+    natural bounds come from the objective registry's units. Stored with each snapshot,
+    since observed values move."""
     v = np.asarray(values, dtype=float).reshape(-1, len(objectives))
     out = []
     for j, (name, d) in enumerate(zip(objectives, directions, strict=True)):
+        floor = _floor(name)
         if given and name in given:
             out.append(float(given[name]))
         elif d.startswith("max"):
             worst = float(v[:, j].min()) if len(v) else 0.0
-            out.append(min(0.0, worst) if name == "accuracy" else worst - 0.1 * abs(worst))
+            out.append(min(floor, worst) if floor is not None else worst - 0.1 * abs(worst))
         else:
             worst = float(v[:, j].max()) if len(v) else 1.0
-            floor = 1.0 if name == "backward_cost" else 0.0
-            out.append(max(worst, floor) * 1.1 if worst >= 0 else worst * 0.9)
+            out.append(max(worst, floor or 0.0) * 1.1 if worst >= 0 else worst * 0.9)
     return out
 
 

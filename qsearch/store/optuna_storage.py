@@ -1,7 +1,7 @@
 """Optuna's RDB storage on the study's URL, made fit for a long-running driver.
 
 The study is an ordinary Optuna study; qsearch only changes how the storage talks to the
-database: the same engine settings as the qsearch tables (:func:`~.store.engine_kwargs`:
+database: the same engine settings as the qsearch tables (:func:`~.engine.engine_kwargs`:
 ``pool_pre_ping``, bounded pool), every storage call retried on transient errors (a dropped
 connection raises ``StorageInternalError`` from Optuna mid-study otherwise), and, on
 PostgreSQL, Optuna's table creation under the advisory lock that serialises qsearch's own,
@@ -19,7 +19,8 @@ from optuna.storages import BaseStorage, RDBStorage
 from sqlalchemy.exc import SQLAlchemyError
 
 from qsearch.errors import StorageError
-from qsearch.store.store import Store, engine_kwargs, with_retries
+from qsearch.store.engine import engine_kwargs, with_retries
+from qsearch.store.store import Store
 
 
 class RetryingRDBStorage(RDBStorage):

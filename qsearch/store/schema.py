@@ -15,10 +15,16 @@ Tables (keys in brackets):
     one row per Optuna trial this study's drivers started (``number`` = Optuna's trial number):
     ``state`` (RUNNING | COMPLETE | PRUNED | FAIL, as in Optuna), ``detail`` (why it ended:
     ``finished``, ``pruned by asha``, ``driver lost`` ...), ``counted`` (whether it uses up
-    budget), sampled ``params`` and full ``config`` (JSON), final objective values,
-    ``epochs_completed``/``max_epochs``, ``error``, ``weights_path``, start/finish times,
+    budget), sampled ``params`` and full ``config`` (JSON), ``epochs_completed``/``max_epochs``, ``error``, ``weights_path``, start/finish times,
     ``retries`` (restarts after its process or node died) and ``placement`` (JSON: the Ray
     node, pid, GPU ids and torch device of its latest attempt). Added in schema v2.
+    The columns ``accuracy``, ``size_mb``, ``backward_cost``, ``bops`` are the values of
+    schemas v1/v2; they are still written when a trial carries those names (so an older
+    qsearch can read a newer store), but values are read from ``qsearch_trial_values``.
+``qsearch_trial_values`` [study_id, trial_number, name]
+    a finished trial's values by objective name (the registry's names,
+    :mod:`qsearch.config.objectives`; reported-only ones such as ``test_accuracy`` too).
+    Added in schema v3; the upgrade from v2 copies the old columns here under their names.
 ``qsearch_epoch_metrics`` [study_id, trial_number, epoch]
     what the trainer reported after each epoch; the common metrics as columns, everything
     (method metrics such as ``lts.frozen_fraction`` included) in ``metrics`` (JSON).
@@ -29,8 +35,10 @@ Tables (keys in brackets):
     one row each time a trial completes: the trial that triggered it, how many COMPLETE
     trials it covers, the hypervolume and the reference point it was computed against.
 ``qsearch_pareto_points`` [study_id, snapshot, trial_number]
-    the non-dominated COMPLETE trials of that snapshot with their objective values and
-    whether the point is the knee.
+    the non-dominated COMPLETE trials of that snapshot and whether the point is the knee
+    (the old value columns as in ``qsearch_trials``).
+``qsearch_pareto_values`` [study_id, snapshot, trial_number, name]
+    the objective values each front point was computed on, by name. Added in schema v3.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PREFIX = "qsearch_"
 
 metadata = MetaData()
@@ -84,10 +92,10 @@ studies = Table(
 )
 
 
-
 def _study_fk() -> ForeignKey:
     """A fresh FK per column (SQLAlchemy binds each ForeignKey object to one column)."""
     return ForeignKey("qsearch_studies.id", ondelete="CASCADE")
+
 
 trials = Table(
     "qsearch_trials", metadata,
@@ -166,11 +174,26 @@ pareto_points = Table(
     Column("is_knee", Boolean, nullable=False, default=False),
 )
 
-ALL_TABLES = [schema_version, studies, trials, epoch_metrics, layers, pareto_snapshots,
-              pareto_points]
+trial_values = Table(
+    "qsearch_trial_values", metadata,
+    Column("study_id", Integer, _study_fk(), primary_key=True),
+    Column("trial_number", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(100), primary_key=True),
+    Column("value", Float),  # NULL: reported, but not a finite number
+)
 
-#: Upgrades from schema version v-1 to v: columns added to existing tables (table, column).
-#: Tables that are new in a version are made by ``create_all``.
-MIGRATIONS: dict[int, list[tuple[Table, str]]] = {
-    2: [(trials, "retries"), (trials, "placement")],
-}
+pareto_values = Table(
+    "qsearch_pareto_values", metadata,
+    Column("study_id", Integer, _study_fk(), primary_key=True),
+    Column("snapshot", Integer, primary_key=True, autoincrement=False),
+    Column("trial_number", Integer, primary_key=True, autoincrement=False),
+    Column("name", String(100), primary_key=True),
+    Column("value", Float),
+)
+
+ALL_TABLES = [schema_version, studies, trials, epoch_metrics, layers, pareto_snapshots,
+              pareto_points, trial_values, pareto_values]
+
+#: Value columns of schema v1/v2, still filled for older readers (see the module docstring).
+LEGACY_TRIAL_VALUES = ("accuracy", "size_mb", "backward_cost", "bops")
+LEGACY_POINT_VALUES = ("accuracy", "size_mb", "backward_cost")
