@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -309,3 +310,183 @@ def test_v1_schema_is_upgraded_in_place(db_url):
         assert row["retries"] == 1 and row["placement"]["gpu_ids"] == ["0"]
     finally:
         store.dispose()
+
+
+# --------------------------------------------------------------------------- schema v2 -> v3
+
+V2_SQLITE_DDL_SHA256 = "a6db706bd422380436cba8258fb63cbe18fe37c9a2ec7d55359d6ef56fab4a0e"
+
+
+def _ddl(url: str) -> str:
+    eng = create_engine(url)
+    try:
+        with eng.connect() as c:
+            return "\n".join(str(r[0]) for r in c.execute(text(
+                "SELECT sql FROM sqlite_master WHERE name LIKE 'qsearch_%' ORDER BY name")))
+    finally:
+        eng.dispose()
+
+
+def test_v2_fixture_is_the_schema_the_old_code_made(tmp_path):
+    """The inline v2 tables of ``_schema_v2`` produce, on SQLite, byte for byte the DDL that
+    qsearch cfa4bba's ``Store`` created (its hash was taken from a store that code made)."""
+    import hashlib
+
+    import _schema_v2 as v2
+
+    url = f"sqlite:///{tmp_path / 'v2.db'}"
+    eng = create_engine(url)
+    v2.metadata.create_all(eng)
+    eng.dispose()
+    assert hashlib.sha256(_ddl(url).encode()).hexdigest() == V2_SQLITE_DDL_SHA256
+
+
+def _cli_json(capsys, *args):
+    from qsearch.cli import main
+
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_v2_store_is_read_upgraded_resumed_and_exported(db_url, tmp_path, capsys):
+    """A store written by schema v2 (values as columns): readers see its values by name
+    before any upgrade; a v3 Store upgrades it in place (old columns kept, values copied
+    under their old names); the study resumes (lease, a new trial, a front re-drawn over
+    old and new trials); an old trial exports; ``qsearch pareto`` prints it all."""
+    import _schema_v2 as v2
+
+    from qsearch.config.objectives import get_objective, objective_names
+    from qsearch.export import export_trial, select_trial
+    from qsearch.search.front import update_snapshot
+    from qsearch.store import Database, objective_values
+
+    v2.build_v2_store(db_url, tmp_path / "artifacts")
+    by_n = {t[0]: t for t in v2.TRIALS}
+
+    # 1. A reader (never upgrades) on the untouched v2 store.
+    reader = Database(db_url, must_exist=True)
+    assert queries.trial(reader, v2.STUDY, 0).values == {
+        "accuracy": 0.91, "size_mb": 0.20, "backward_cost": 0.60, "bops": 1.0e6}
+    doc = _cli_json(capsys, "pareto", v2.STUDY, "--storage", db_url, "--format", "json")
+    assert [p["trial_number"] for p in doc["points"]] == v2.FRONT
+    reader.dispose()
+
+    # 2. The v3 writer upgrades it.
+    store = Store(db_url)
+    try:
+        with store.engine.connect() as c:
+            assert c.execute(text("SELECT version FROM qsearch_schema_version")).scalar() == 3
+        cols = {col["name"] for col in inspect(store.engine).get_columns("qsearch_trials")}
+        assert set(s.LEGACY_TRIAL_VALUES) <= cols  # kept for older readers
+        for n, state, acc, size, bwd, bops in v2.TRIALS:
+            row = queries.trial(store, v2.STUDY, n)
+            want = {} if state != "COMPLETE" else {
+                "accuracy": acc, "size_mb": size, "backward_cost": bwd, "bops": bops}
+            assert row.values == want
+        if "backward_bops" in objective_names():  # the new name finds the old one
+            assert queries.trial(store, v2.STUDY, 0).value("backward_bops") == 0.60
+        snap, front = queries.pareto_front(store, v2.STUDY)
+        assert snap.snapshot == 2 and [p.trial_number for p in front] == v2.FRONT
+        assert front[1].values == {"accuracy": 0.85, "size_mb": 0.05, "backward_cost": 0.40}
+        assert front[1].is_knee and front[0].params == {"w_bits": 2, "lr": 0.01}
+        assert [sn.hypervolume for sn in queries.pareto_snapshots(store, v2.STUDY)] == [0.1, 0.3]
+
+        # 3. Resume: same study row, the lease, one more trial, a new front over all.
+        rec, created = store.create_or_get_study(
+            v2.STUDY, spec_yaml="name: old\n", spec_hash="a" * 64, search_hash="b" * 64,
+            objectives=v2.OBJECTIVES, directions=v2.DIRECTIONS, artifacts_dir="/x")
+        assert not created and rec.objectives == v2.OBJECTIVES
+        token = store.acquire_lease(rec.id)
+        store.trial_started(rec.id, 4, optuna_trial_id=5, params={"w_bits": 6, "lr": 0.02},
+                            config={"w_bits": 6}, max_epochs=2)
+        final = {"epoch": 2, "accuracy": 0.95, "size_mb": 0.10, "backward_cost": 0.50,
+                 "test_accuracy": 0.94, "train_loss": 0.1}
+        store.trial_finished(rec.id, 4, state="COMPLETE", detail="finished", counted=True,
+                             values=objective_values(final), epochs_completed=2)
+        new = update_snapshot(store, rec.id, rec.objectives, rec.directions, trigger_trial=4)
+        store.release_lease(rec.id, token, "finished")
+        assert new["snapshot"] == 3
+        # trial 4 dominates trial 0; trial 1 stays (smallest)
+        assert sorted(p["trial_number"] for p in new["points"]) == [1, 4]
+        row4 = queries.trial(store, v2.STUDY, 4)
+        assert row4.value("accuracy") == 0.95 and "train_loss" not in row4.values
+        if "test_accuracy" in objective_names():
+            assert row4.values["test_accuracy"] == 0.94
+
+        # 4. Export an old front trial (its weights are where v2 left them).
+        number = select_trial(store, v2.STUDY, rule="min-size")
+        assert number == 1
+        exported = export_trial(store, v2.STUDY, number, tmp_path / "e" / "t1.json")
+        assert exported["objectives"]["accuracy"] == by_n[1][2]
+        assert exported["objectives"]["backward_cost"] == by_n[1][4]
+        assert (tmp_path / "e" / "t1.pt").read_bytes() == b"weights of trial 1"
+    finally:
+        store.dispose()
+
+    # 5. The CLI reads the upgraded store: names, labels, directions, params.
+    doc = _cli_json(capsys, "pareto", v2.STUDY, "--storage", db_url, "--format", "json")
+    assert doc["snapshot"] == 3
+    assert [o["name"] for o in doc["objectives"]] == v2.OBJECTIVES
+    for o in doc["objectives"]:
+        reg = get_objective(o["name"])
+        assert (o["label"], o["unit"], o["direction"]) == (reg.label, reg.unit, reg.direction)
+    pts = {p["trial_number"]: p for p in doc["points"]}
+    assert sorted(pts) == [1, 4]
+    assert pts[4]["accuracy"] == 0.95 and pts[4]["params"] == {"w_bits": 6, "lr": 0.02}
+    assert pts[1]["params"] == {"w_bits": 3, "lr": 0.01}
+    from qsearch.cli import main
+
+    capsys.readouterr()
+    assert main(["pareto", v2.STUDY, "--storage", db_url, "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("trial_number,accuracy,size_mb,backward_cost,")
+    assert lines[0].endswith(",is_knee,params") and len(lines) == 3
+    assert main(["status", v2.STUDY, "--storage", db_url]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy↑" in out and get_objective("size_mb").axis_title in out
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@pytest.fixture
+def test_obj():
+    from qsearch.config.objectives import Objective, register_objective, unregister_objective
+
+    obj = register_objective(Objective("test_obj", "minimize", "test objective", unit="widgets",
+                                       kind="computed"))
+    yield obj
+    unregister_objective(obj.name)
+
+
+def test_a_registered_objective_reaches_the_store_and_the_cli(db_url, test_obj, capsys):
+    """An objective registered here, in a test file, goes through the store and ``qsearch
+    pareto`` with no product code naming it; an unregistered metric is not stored."""
+    from qsearch.search.front import update_snapshot
+    from qsearch.store import objective_values
+
+    store = Store(db_url)
+    try:
+        rec, _ = store.create_or_get_study(
+            "reg", spec_yaml="", spec_hash="h" * 64, search_hash="g" * 64,
+            objectives=["size_mb", "test_obj"], directions=["minimize", "minimize"],
+            artifacts_dir="/tmp/a")
+        for n, (size, obj) in enumerate([(0.1, 5.0), (0.2, 1.0), (0.3, 6.0)]):
+            store.trial_started(rec.id, n, optuna_trial_id=n, params={"k": n}, config={},
+                                max_epochs=1)
+            final = {"epoch": 1, "size_mb": size, "test_obj": obj, "not_registered": 7.0}
+            store.trial_finished(rec.id, n, state="COMPLETE", detail="finished", counted=True,
+                                 values=objective_values(final) | {"not_registered": 7.0})
+            update_snapshot(store, rec.id, rec.objectives, rec.directions, trigger_trial=n)
+        assert queries.trial(store, "reg", 1).values == {"size_mb": 0.2, "test_obj": 1.0}
+        _, front = queries.pareto_front(store, "reg")
+        assert [(p.trial_number, p.values["test_obj"]) for p in front] == [(0, 5.0), (1, 1.0)]
+    finally:
+        store.dispose()
+    doc = _cli_json(capsys, "pareto", "reg", "--storage", db_url, "--format", "json")
+    info = {o["name"]: o for o in doc["objectives"]}["test_obj"]
+    assert (info["label"], info["unit"], info["direction"], info["registered"]) == \
+        ("test objective", "widgets", "minimize", True)
+    assert [(p["trial_number"], p["test_obj"], p["params"]) for p in doc["points"]] == \
+        [(0, 5.0, {"k": 0}), (1, 1.0, {"k": 1})]

@@ -64,55 +64,85 @@ def launch(
                   f"{r.lost} lost) in {r.wall_s:.1f} s", highlight=False)
 
 
+def _reader(url: str | None) -> Any:
+    """A read-only handle for the commands that only read (no writes, no schema creation; a
+    missing SQLite file is an error); one retry, so a wrong URL fails fast."""
+    from qsearch.config import defaults
+    from qsearch.store import Database
+
+    return Database(defaults.storage_url(url), retries=1, must_exist=True)
+
+
+def _legend(infos: list[Any]) -> str:
+    """``accuracy ↑ accuracy (top-1, measured); ...``: the registry's words for the columns."""
+    return "; ".join(f"{i.name} {i.arrow} {i.axis_title}".replace("  ", " ") for i in infos)
+
+
 @app.command()
 def studies(storage: StorageOpt = None,
             as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """List the studies in a database."""
-    from qsearch.store import queries
+    from qsearch.store import objective_info, queries
 
-    store = _store(storage)
-    rows = queries.list_studies(store) if store.has_schema() else []
+    db = _reader(storage)
+    rows = queries.list_studies(db) if db.has_schema() else []
     if as_json:
-        print(json.dumps(rows, default=str, indent=2))
+        print(json.dumps([{**r.to_dict(), "objective_info": [
+            objective_info(o, d).to_dict() for o, d in zip(r.objectives, r.directions)]}
+            for r in rows], default=str, indent=2))
         return
-    running = any(r["lease_host"] for r in rows)  # the driver column only while one runs
-    t = _table(f"studies in {store.masked_url}",
+    running = any(r.lease_host for r in rows)  # the driver column only while one runs
+    t = _table(f"studies in {db.masked_url}",
                ("name", "status", "trials", "done/pruned/fail/run",
-                *(("driver",) if running else ()), "created"), wrap=("driver",))
+                *(("driver",) if running else ()), "objectives", "created"),
+               wrap=("driver", "objectives"))
     for r in rows:
-        c = r["trials"]
-        driver = f"{r['lease_host']}:{r['lease_pid']}" if r["lease_host"] else ""
-        t.add_row(r["name"], r["status"], str(r["n_trials"]),
+        c = r.trials
+        driver = f"{r.lease_host}:{r.lease_pid}" if r.lease_host else ""
+        objs = " ".join(f"{o}{objective_info(o, d).arrow}"
+                        for o, d in zip(r.objectives, r.directions))
+        t.add_row(r.name, r.status, str(r.n_trials),
                   "/".join(str(c[s]) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")),
-                  *((driver,) if running else ()), str(r["created_at"])[:16])
+                  *((driver,) if running else ()), objs, str(r.created_at)[:16])
     console.print(t)
 
 
 @app.command()
 def status(study: Annotated[str, typer.Argument(help="study name")], storage: StorageOpt = None) -> None:
-    """Trials of one study with their state and objective values."""
-    from qsearch.store import queries
+    """Trials of one study with their state and values (objectives first, then the values
+    they report without optimizing, such as test accuracy)."""
+    from qsearch.config.objectives import objective_names, resolve_name
+    from qsearch.store import objective_info, queries
 
-    store = _store(storage)
-    rec = queries.require_study(store, study)
-    snap, front = queries.pareto_front(store, study)
-    on_front = {p["trial_number"] for p in front}
-    rows = queries.trials(store, study)
-    retried = any(r.get("retries") for r in rows)  # the column only when it says something
+    db = _reader(storage)
+    rec = queries.require_study(db, study)
+    snap, front = queries.pareto_front(db, study)
+    on_front = {p.trial_number for p in front}
+    rows = queries.trials(db, study)
+    infos = rec.objective_infos()
+    objs = {resolve_name(o) for o in rec.objectives}
+    reported = queries.order_names(k for r in rows for k in r.values
+                                   if resolve_name(k) not in objs
+                                   and resolve_name(k) in objective_names())
+    infos += [objective_info(k) for k in reported]
+    retried = any(r.retries for r in rows)  # the column only when it says something
     t = _table(f"study {study} ({rec.status}); * = on the Pareto front",
-               ("#", "state", "epochs", *(("retries",) if retried else ()), "accuracy",
-                "size_mb", "bwd_cost", "*", "detail / params"), wrap=("detail / params",))
+               ("#", "state", "epochs", *(("retries",) if retried else ()),
+                *(f"{i.name}{i.arrow}" for i in infos), "*", "detail / params"),
+               wrap=("detail / params",))
     for r in rows:
-        params = ", ".join(f"{k}={format_value(v)}" for k, v in (r["params"] or {}).items())
-        t.add_row(str(r["number"]), r["state"], f"{r['epochs_completed']}/{r['max_epochs'] or ''}",
-                  *((str(r.get("retries") or 0),) if retried else ()),
-                  *(format_value(r[k]) for k in ("accuracy", "size_mb", "backward_cost")),
-                  "*" if r["number"] in on_front else "",
-                  (r["error"] or (r["detail"] + "; " if r["detail"] else "") + params)[:160])
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in (r.params or {}).items())
+        t.add_row(str(r.number), r.state, f"{r.epochs_completed}/{r.max_epochs or ''}",
+                  *((str(r.retries),) if retried else ()),
+                  *(format_value(r.value(i.name)) for i in infos),
+                  "*" if r.number in on_front else "",
+                  (r.error or (r.detail + "; " if r.detail else "") + params)[:160])
     console.print(t)
+    console.print(_legend(infos), highlight=False, soft_wrap=True)
     if snap:
-        console.print(f"Pareto front: {len(front)} trials, hypervolume {snap['hypervolume']:.6g} "
-                      f"(reference {snap['reference_point']})", highlight=False)
+        console.print(f"Pareto front: {len(front)} trials, hypervolume "
+                      f"{format_value(snap.hypervolume)} "
+                      f"(reference {snap.reference_point})", highlight=False)
 
 
 @app.command()
@@ -122,36 +152,56 @@ def pareto(
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
     snapshot: Annotated[Optional[int], typer.Option(help="snapshot number (default: latest)")] = None,
 ) -> None:
-    """The study's stored Pareto front."""
-    from qsearch.store import queries
+    """The study's stored Pareto front: objective values (names, labels, units and
+    directions from the objective registry), the values the trials report without
+    optimizing, and each trial's searched params."""
+    from qsearch.store import objective_info, queries
 
     if fmt not in ("table", "json", "csv"):
         raise ConfigError("--format", f"unknown format {fmt!r}; choose table, json or csv")
-    store = _store(storage)
-    rec = queries.require_study(store, study)
-    snap, points = queries.pareto_front(store, study, snapshot)
-    cols = ["trial_number", *rec.objectives, "is_knee"]
-    rows = [{c: p[c] for c in cols} for p in points]
+    db = _reader(storage)
+    rec = queries.require_study(db, study)
+    snap, points = queries.pareto_front(db, study, snapshot)
+    objs = list(rec.objectives)
+    infos = rec.objective_infos()
+    reported = queries.order_names(k for p in points for k in p.reported)
     if fmt == "json":
-        print(json.dumps({"study": study, "snapshot": snap and snap["snapshot"],
-                          "hypervolume": snap and snap["hypervolume"],
-                          "reference_point": snap and snap["reference_point"],
-                          "points": rows}, indent=2))
+        print(json.dumps({
+            "study": study, "snapshot": snap and snap.snapshot,
+            "hypervolume": snap and snap.hypervolume,
+            "reference_point": snap and snap.reference_point,
+            "objectives": [i.to_dict() for i in infos],
+            "reported": [objective_info(k).to_dict() for k in reported],
+            "points": [{"trial_number": p.trial_number, **{o: p.value(o) for o in objs},
+                        "is_knee": p.is_knee, "params": p.params, "reported": p.reported}
+                       for p in points]}, indent=2, default=str))
     elif fmt == "csv":
+        cols = ["trial_number", *objs, *reported, "is_knee", "params"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
-        w.writerows(rows)
+        for p in points:
+            w.writerow({"trial_number": p.trial_number, **{o: p.value(o) for o in objs},
+                        **{k: p.reported.get(k) for k in reported}, "is_knee": p.is_knee,
+                        "params": json.dumps(p.params, sort_keys=True, default=str)})
         print(buf.getvalue(), end="")
     else:
-        t = Table(title=f"Pareto front of {study}" + (f" (snapshot {snap['snapshot']}, hypervolume "
-                                                     f"{snap['hypervolume']:.6g})" if snap else ""))
-        for c in cols:
-            t.add_column(c, justify="right")
-        for r in rows:
-            t.add_row(*(("knee" if r[c] else "") if c == "is_knee" else format_value(r[c])
-                        for c in cols))
+        more = [objective_info(k) for k in reported]
+        t = Table(title=f"Pareto front of {study}" + (
+            f" (snapshot {snap.snapshot}, hypervolume {format_value(snap.hypervolume)})"
+            if snap else ""))
+        t.add_column("trial", justify="right")
+        for i in infos + more:
+            t.add_column(f"{i.short} {i.arrow}".strip(), justify="right")
+        t.add_column("knee")
+        t.add_column("params", overflow="fold")
+        for p in points:
+            t.add_row(str(p.trial_number), *(format_value(p.value(o)) for o in objs),
+                      *(format_value(p.reported.get(k)) for k in reported),
+                      "knee" if p.is_knee else "",
+                      ", ".join(f"{k}={format_value(v)}" for k, v in p.params.items()))
         console.print(t)
+        console.print(_legend(infos + more), highlight=False, soft_wrap=True)
 
 
 @app.command()

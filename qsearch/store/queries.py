@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, inspect, select
 
 from qsearch.config import objectives as registry
 from qsearch.errors import ConfigError, StorageError
@@ -276,14 +276,50 @@ def _study(m: Mapping[str, Any]) -> StudyRecord:
 _TRIAL_FIELDS = [f.name for f in dataclasses.fields(TrialRow) if f.name != "values"]
 
 
+def _by_name(conn: Connection) -> bool:
+    """Whether the values-by-name tables exist (schema v3). A reader may open a v2 store
+    that no v3 writer has upgraded yet (read-only connections never upgrade); its values are
+    then read from the old columns, under the columns' names."""
+    return inspect(conn).has_table(s.trial_values.name)
+
+
+def _legacy(row: Any, names: Iterable[str]) -> dict[str, float | None]:
+    return {n: row._mapping[n] for n in names if row._mapping[n] is not None}
+
+
 def _values_by_trial(conn: Connection, study_id: int, numbers: list[int] | None = None
                      ) -> dict[int, dict[str, float | None]]:
+    out: dict[int, dict[str, float | None]] = {}
+    if not _by_name(conn):
+        t = s.trials
+        q = select(t.c.number, *(t.c[n] for n in s.LEGACY_TRIAL_VALUES)).where(
+            t.c.study_id == study_id)
+        if numbers is not None:
+            q = q.where(t.c.number.in_(numbers))
+        for r in conn.execute(q):
+            out[r.number] = _legacy(r, s.LEGACY_TRIAL_VALUES)
+        return out
     v = s.trial_values
     q = select(v.c.trial_number, v.c.name, v.c.value).where(v.c.study_id == study_id)
     if numbers is not None:
         q = q.where(v.c.trial_number.in_(numbers))
-    out: dict[int, dict[str, float | None]] = {}
     for n, name, value in conn.execute(q.order_by(v.c.trial_number, v.c.name)):
+        out.setdefault(n, {})[name] = value
+    return out
+
+
+def _point_values(conn: Connection, study_id: int, snapshot: int
+                  ) -> dict[int, dict[str, float | None]]:
+    out: dict[int, dict[str, float | None]] = {}
+    if not _by_name(conn):
+        pp = s.pareto_points
+        for r in conn.execute(select(pp.c.trial_number, *(pp.c[n] for n in s.LEGACY_POINT_VALUES))
+                              .where(pp.c.study_id == study_id, pp.c.snapshot == snapshot)):
+            out[r.trial_number] = _legacy(r, s.LEGACY_POINT_VALUES)
+        return out
+    pv = s.pareto_values
+    for n, name, value in conn.execute(select(pv.c.trial_number, pv.c.name, pv.c.value).where(
+            pv.c.study_id == study_id, pv.c.snapshot == snapshot)):
         out.setdefault(n, {})[name] = value
     return out
 
@@ -373,10 +409,22 @@ def study_overview(db: Database) -> dict[int, StudyOverview]:
     lo: dict[int, dict[str, float]] = {}
     hvs: dict[int, tuple[float | None, int]] = {}
     with db.tx("study overview") as conn:
-        for sid, name, mx, mn in conn.execute(best_q):
-            if mx is not None:
-                hi.setdefault(sid, {})[name] = mx
-                lo.setdefault(sid, {})[name] = mn
+        if not _by_name(conn):  # a v2 store: the old columns
+            cols = [t.c[n] for n in s.LEGACY_TRIAL_VALUES]
+            best_q = select(t.c.study_id, *(func.max(c) for c in cols),
+                            *(func.min(c) for c in cols)).where(
+                t.c.state == "COMPLETE").group_by(t.c.study_id)
+            k = len(cols)
+            for r in conn.execute(best_q):
+                for j, name in enumerate(s.LEGACY_TRIAL_VALUES):
+                    if r[1 + j] is not None:
+                        hi.setdefault(r[0], {})[name] = r[1 + j]
+                        lo.setdefault(r[0], {})[name] = r[1 + k + j]
+        else:
+            for sid, name, mx, mn in conn.execute(best_q):
+                if mx is not None:
+                    hi.setdefault(sid, {})[name] = mx
+                    lo.setdefault(sid, {})[name] = mn
         for sid, hv, n in conn.execute(hv_q):
             hvs[sid] = (hv, n)
     return {sid: StudyOverview(hi.get(sid, {}), lo.get(sid, {}), *hvs.get(sid, (None, None)))
@@ -472,7 +520,7 @@ def pareto_front(db: Database, study: str, snapshot: int | None = None
                  ) -> tuple[SnapshotRow | None, list[FrontPoint]]:
     """(snapshot, its points) for ``snapshot`` or the latest; (None, []) before any."""
     rec = require_study(db, study)
-    ps, pp, pv = s.pareto_snapshots, s.pareto_points, s.pareto_values
+    ps, pp = s.pareto_snapshots, s.pareto_points
     with db.tx("read pareto front") as conn:
         q = select(ps).where(ps.c.study_id == rec.id)
         q = q.where(ps.c.snapshot == snapshot) if snapshot is not None else \
@@ -483,10 +531,7 @@ def pareto_front(db: Database, study: str, snapshot: int | None = None
         points = conn.execute(select(pp.c.trial_number, pp.c.is_knee).where(
             pp.c.study_id == rec.id, pp.c.snapshot == snap.snapshot).order_by(
             pp.c.trial_number)).all()
-        values: dict[int, dict[str, float | None]] = {}
-        for n, name, value in conn.execute(select(pv.c.trial_number, pv.c.name, pv.c.value).where(
-                pv.c.study_id == rec.id, pv.c.snapshot == snap.snapshot)):
-            values.setdefault(n, {})[name] = value
+        values = _point_values(conn, rec.id, snap.snapshot)
         numbers = [p.trial_number for p in points]
         params = dict(conn.execute(select(s.trials.c.number, s.trials.c.params).where(
             s.trials.c.study_id == rec.id, s.trials.c.number.in_(numbers))).all())
