@@ -10,7 +10,7 @@ previous step's to give the measured rate k_t; the transition-adaptive LR (TALR)
 with K_0 = R_0 and U_0 = 1, U clamped to [u_min, u_max]. ``scope=layer`` keeps one (K, U) per
 quantized layer (the reference code); ``scope=global`` one for the whole network (the paper).
 
-TALR drives only the latent weights of quantized layers: ``configure_optimizer`` splits the
+TALR drives only the latent weights of quantized layers: ``param_groups`` splits the
 ``qweights`` param group into one group per layer (other groups keep the trial's LR and
 schedule). While TR is on the weight step sizes stay at their init (``requires_grad`` off
 before the optimizer is built), so transitions come from the latent weights only. With LTS,
@@ -108,42 +108,27 @@ class TR(Method):
                                    dtype=torch.float64)
         self._reset_epoch()
 
-    def configure_optimizer(self, ctx: TrainContext) -> None:
-        """Give every quantized layer's latent weight its own param group (per-layer TALR)."""
-        from qsearch.train.optim import build_scheduler
-
-        opt = ctx.optimizer
-        if opt is None:
-            return
+    def param_groups(self, ctx: TrainContext, groups: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+        """Give every quantized layer's latent weight its own param group (per-layer TALR);
+        the layers' weights are found by identity in whichever group holds them."""
         by_id = {id(q.weight): n for n, q in self.layers.items()}
-        keep: list[dict] = []
-        per_layer: dict[str, dict] = {}
-        for group in opt.param_groups:
-            if group.get("name") != "qweights":
-                keep.append(group)
-                continue
-            rest = [p for p in group["params"] if id(p) not in by_id]
+        keep: list[dict[str, Any]] = []
+        per_layer: dict[str, dict[str, Any]] = {}
+        for group in groups:
             base = {k: v for k, v in group.items() if k != "params"}
+            rest = [p for p in group["params"] if id(p) not in by_id]
             if rest:
                 keep.append({**base, "params": rest})
             for p in group["params"]:
                 if id(p) in by_id:
                     name = by_id[id(p)]
-                    per_layer[name] = {**base, "params": [p], "layer": name, "lr": self.alpha,
-                                       "initial_lr": self.alpha}
-        opt.param_groups.clear()
-        for group in keep + [per_layer[n] for n in self.layers if n in per_layer]:
-            opt.add_param_group(group)
+                    per_layer[name] = {**base, "params": [p], "layer": name, "lr": self.alpha}
+        return keep + [per_layer[n] for n in self.layers if n in per_layer]
+
+    def configure_optimizer(self, ctx: TrainContext) -> None:
         # Keep the optimizer, not its group dicts: load_state_dict replaces those on resume.
-        self._opt = opt
-        # The LR schedule was built for the old group list; rebuild it for the new one with
-        # the trainer's own LR lambda (the TALR groups' LR is overwritten every step anyway).
-        old = ctx.scheduler
-        if isinstance(old, torch.optim.lr_scheduler.LambdaLR):
-            ctx.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, old.lr_lambdas[0])
-        else:
-            ctx.scheduler = build_scheduler(opt, ctx.config.lr_schedule,
-                                            ctx.config.epochs - ctx.qat_start_epoch)
+        self._opt = ctx.optimizer
 
     # -- every step --------------------------------------------------------------------
     def current_target(self, ctx: TrainContext) -> float:
