@@ -16,8 +16,10 @@ at load time, not a failed trial an hour later. Torch-free.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,11 +39,11 @@ from qsearch.config.space import (
     check_asha,
     check_path,
 )
-from qsearch.config.trial import TrialConfig, parse_trial_config
+from qsearch.config.trial import TrialConfig, import_plugins, parse_trial_config
 from qsearch.errors import ConfigError
 
 STUDY_SPEC_VERSION = 1
-DEFAULT_OBJECTIVES = ("accuracy", "size_mb", "backward_cost")
+DEFAULT_OBJECTIVES = ("val_accuracy", "size_mb", "backward_flops")
 
 
 # --------------------------------------------------------------------------- sections
@@ -68,10 +70,13 @@ class SamplerSpec(StrictModel):
 
 
 class SchedulerSpec(StrictModel):
-    """``none`` runs every trial to the end; ``asha`` stops weak trials at rungs (PRUNED)."""
+    """``none`` runs every trial to the end; ``asha`` stops weak trials at rungs (PRUNED).
+
+    ``metric`` is the per-epoch figure ASHA compares: ``val_accuracy`` (``accuracy`` is its
+    per-epoch alias, kept for specs written before validation splits)."""
 
     type: Literal["none", "asha"] = "none"
-    metric: Literal["accuracy"] = "accuracy"
+    metric: Literal["val_accuracy", "accuracy"] = "val_accuracy"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
 
@@ -132,6 +137,15 @@ class StudySpec(StrictModel):
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_first(cls, data: Any) -> Any:
+        """Plug-ins named in ``base.plugins`` register their objectives and methods before
+        ``objectives`` and the search space are checked against the registries."""
+        if isinstance(data, dict) and isinstance(data.get("base"), dict):
+            import_plugins(data["base"].get("plugins"), field="base.plugins")
+        return data
+
     @field_validator("search_space", mode="before")
     @classmethod
     def _bare_values_are_fixed(cls, v: Any) -> Any:
@@ -143,13 +157,22 @@ class StudySpec(StrictModel):
     @field_validator("objectives")
     @classmethod
     def _registered_objectives(cls, v: list[str]) -> list[str]:
-        known = objective_registry.objective_names()
+        known = [o.name for o in objective_registry.objectives() if o.optimizable]
         for name in v:
             try:
-                objective_registry.get_objective(name)
+                obj = objective_registry.get_objective(name)
             except KeyError:
                 raise ValueError(f"unknown objective {name!r}; choose from "
                                  f"{', '.join(known)}") from None
+            if not obj.optimizable:
+                raise ValueError(
+                    f"{name!r} is reported, not optimized: selecting trials on it would bias "
+                    f"the front it is meant to check (use val_accuracy; {name} is measured "
+                    f"once per finished trial and stored beside it)")
+        for name in v:
+            notice = objective_registry.deprecation_notice(name)
+            if notice:
+                warnings.warn(notice, FutureWarning, stacklevel=2)
         v = [objective_registry.resolve_name(n) for n in v]
         if len(v) < 2:
             raise ValueError(f"give at least two of {', '.join(known)}")
@@ -172,6 +195,16 @@ class StudySpec(StrictModel):
     @model_validator(mode="after")
     def _check_against_trial_config(self) -> StudySpec:
         base = self.base_config()
+        for path in ("data.val_fraction", "data.split_seed", "data.test_fraction"):
+            if path in self.searched():
+                raise ConfigError(f"search_space.{path}", "every trial of a study must be "
+                                  "scored on the same validation and test split; fix it in "
+                                  "base instead of searching it")
+        if base.data.val_fraction == 0:
+            raise ConfigError(
+                "base.data.val_fraction", "a search needs a validation split to select on: "
+                "with 0 there is no validation data, and choosing trials on the test split "
+                "would bias the front and leave no unseen data to report; use e.g. 0.2")
         for path, dist in self.search_space.items():
             check_path(path)
             for value in dist.boundary_values():
@@ -183,6 +216,12 @@ class StudySpec(StrictModel):
                     inner = config_error_from_validation(e) if isinstance(e, ValidationError) else e
                     raise ConfigError(f"search_space.{path}",
                                       f"value {value!r} is rejected by the trainer ({inner})") from None
+        if not self.searched():
+            fixed = ", ".join(self.search_space)
+            raise ConfigError("search_space", (
+                f"nothing to search: it only fixes {fixed}" if fixed else
+                "nothing to search: the search space is missing or empty") + "; add at least "
+                "one searched dimension, e.g. w_bits: {type: categorical, choices: [2, 4, 8]}")
         if self.scheduler.type == "asha":
             check_asha(self.scheduler.grace_period, self.max_epochs())
         return self
@@ -252,7 +291,14 @@ def parse_study_spec(data: dict[str, Any]) -> StudySpec:
         return StudySpec.model_validate(data)
     except ValidationError as e:
         err = config_error_from_validation(e, root=StudySpec)
-        loc = e.errors()[0]["loc"]
+        first = e.errors()[0]
+        loc = first["loc"]
+        if first["type"] == "extra_forbidden" and len(loc) == 1:
+            fields = list(StudySpec.model_fields)
+            close = difflib.get_close_matches(str(loc[0]), fields, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(str(loc[0]), f"not a study spec field; {hint}the fields are "
+                              f"{', '.join(fields)}") from None
         # Name the search-space key, not pydantic's union tag (search_space.lr.float.low).
         if len(loc) >= 2 and loc[0] == "search_space":
             key = f"search_space.{loc[1]}"
@@ -266,7 +312,7 @@ def parse_study_spec(data: dict[str, Any]) -> StudySpec:
 def load_study_spec(path: str | Path, storage: str | None = None,
                     name: str | None = None) -> StudySpec:
     """Read a YAML study spec (``yaml.safe_load``); ``storage``/``name`` override the file."""
-    data = read_mapping(path)
+    data = read_mapping(path, what="study spec")
     if storage:
         data["storage"] = storage
     if name:

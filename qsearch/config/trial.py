@@ -12,6 +12,7 @@ The ``methods`` section is assembled from the method registry
 from __future__ import annotations
 
 import hashlib
+import importlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,6 +62,13 @@ class DataConfig(StrictModel):
     channels: int = Field(3, ge=1)
     num_classes: int = Field(10, ge=2)
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    #: Fraction of the training split held out as the validation split, stratified by class.
+    #: The search selects on validation; the test split is measured once, at a trial's end.
+    #: 0 trains on the whole training split (no validation data: not allowed in a search).
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    #: Seed of the validation carve; fixed, independent of the trial seed, so every trial of a
+    #: study is trained and scored on the same images.
+    split_seed: int = Field(0, ge=0)
     augment: bool = True
 
 
@@ -90,10 +98,30 @@ MethodsField = Annotated[MethodsView, PlainValidator(_validate_methods),
                          PlainSerializer(_serialize_methods)]
 
 
+def import_plugins(names: Any, field: str = "plugins") -> None:
+    """Import plug-in modules (they register methods and objectives when imported).
+
+    A plug-in must be importable wherever the config is parsed: the driver, every Ray
+    worker, and ``qsearch eval``; so the config names it, and each of those imports it."""
+    if not names:
+        return
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(field, "expected a list of importable module names")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+            raise ConfigError(field, f"cannot import plug-in module {name!r} "
+                              f"({type(e).__name__}: {e}); install it or put it on PYTHONPATH "
+                              "on the driver and every worker") from None
+
+
 class TrialConfig(StrictModel):
     """One trial of the shared QAT trainer."""
 
     version: Literal[1] = TRIAL_CONFIG_VERSION
+    #: Modules imported before the rest is validated: plug-ins registering methods/objectives.
+    plugins: list[str] = Field(default_factory=list)
     model: str = "tiny-cnn"
     dataset: str = "digits"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -121,6 +149,13 @@ class TrialConfig(StrictModel):
     methods: MethodsField = Field(default_factory=lambda: MethodsView(parse_methods({})))
 
     _bits = field_validator("w_bits", "a_bits", "first_bits", "last_bits")(check_bits)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_first(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            import_plugins(data.get("plugins"))
+        return data
 
     @field_validator("model")
     @classmethod
@@ -188,5 +223,5 @@ def parse_trial_config(data: dict[str, Any], prefix: str = "") -> TrialConfig:
 
 def load_trial_config(path: str | None = None, sets: list[str] | None = None) -> TrialConfig:
     """Load a TrialConfig from an optional YAML/JSON file plus ``--set`` overrides."""
-    data = read_mapping(path) if path else {}
+    data = read_mapping(path, what="trial config") if path else {}
     return parse_trial_config(apply_overrides(data, sets or []))
