@@ -17,10 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+
 import requests
 
 from dashboards import create_app
-from dashboards.testing import serve_in_thread, write_synthetic_study
+
+# The synthetic-study writer is test code (it goes through the store's bulk import API).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _dash_data import serve_in_thread, write_synthetic_study  # noqa: E402
 
 
 def _post(base: str, deps: list, prefix: str, values: dict) -> int:

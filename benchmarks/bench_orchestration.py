@@ -77,7 +77,6 @@ def bench_pareto(n: int, workdir: Path) -> None:
 
     from qsearch.search.front import compute_front, update_snapshot
     from qsearch.store import Store, queries, utcnow
-    from qsearch.store import schema as s
 
     store = Store(f"sqlite:///{workdir / 'pareto.db'}")
     rec, _ = store.create_or_get_study(
@@ -89,11 +88,10 @@ def bench_pareto(n: int, workdir: Path) -> None:
     acc = 1 - 0.02 / size * rng.uniform(0.01, 0.05, n)  # a trade-off, so the front is non-trivial
     bwd = rng.uniform(0.05, 1.0, n)
     now = utcnow()
-    with store.tx("insert synthetic trials") as c:
-        c.execute(s.trials.insert(), [
-            {"study_id": rec.id, "number": i, "state": "COMPLETE", "counted": True,
-             "accuracy": float(acc[i]), "size_mb": float(size[i]), "backward_cost": float(bwd[i]),
-             "epochs_completed": 1, "started_at": now} for i in range(n)])
+    store.import_trials(rec.id, [
+        {"number": i, "state": "COMPLETE", "counted": True, "epochs_completed": 1,
+         "started_at": now, "values": {"accuracy": float(acc[i]), "size_mb": float(size[i]),
+                                       "backward_cost": float(bwd[i])}} for i in range(n)])
     objs, dirs = ["accuracy", "size_mb", "backward_cost"], ["maximize", "minimize", "minimize"]
     times = []
     for _ in range(5):

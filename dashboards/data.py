@@ -1,7 +1,10 @@
-"""What each page shows, read from the store into plain dataclasses.
+"""What each page shows, read through :mod:`qsearch.store.queries` into plain data.
 
 Pages and the report build figures from these objects only, so the figure builders never
-touch SQL and can be tested on plain data.
+touch SQL and can be tested on plain data. The dashboard reads only: every function here
+calls a query, none a write. Objective names, labels, units and directions come from the
+objective registry (:func:`qsearch.store.objective_info`); a name the registry does not know
+is shown by its bare name.
 """
 
 from __future__ import annotations
@@ -9,12 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dashboards import queries as dq
 from dashboards.readonly import Source
-from qsearch.store import StudyRecord, queries
+from qsearch.config.objectives import resolve_name
+from qsearch.store import ObjectiveInfo, StudyRecord, objective_info, queries
+from qsearch.store.queries import LayerRow, SnapshotRow, TrialRow, value_of
 
-OBJECTIVE_LABELS = {"accuracy": "accuracy", "size_mb": "size (MB)",
-                    "backward_cost": "backward cost (x FP32)", "bops": "forward BOPs"}
 METHOD_NAMES = ("lts", "tr", "gradq", "csq", "blockrep")
 
 
@@ -38,12 +40,28 @@ def baseline_label(config: dict[str, Any] | None) -> str | None:
     return f"W{w}A{a}" if w is not None and a is not None else None
 
 
+def infos(record: StudyRecord) -> list[ObjectiveInfo]:
+    return [objective_info(o, d) for o, d in zip(record.objectives, record.directions)]
+
+
+def reported_names(rows: list[dict[str, Any]], objectives: list[str]) -> list[str]:
+    """Values the trials carry beyond the objectives (test accuracy, forward BOPs ...), in
+    registry order."""
+    names = {k for r in rows for k in (r.get("values") or {})}
+    return [n for n in queries.order_names(names) if not _among(n, objectives)]
+
+
+def _among(name: str, names: list[str]) -> bool:
+    """``name`` is one of ``names``, also under another name of the same objective."""
+    want = resolve_name(name)
+    return any(resolve_name(n) == want for n in names)
+
+
 @dataclass
 class StudySummary:
     name: str
     status: str
-    objectives: list[str]
-    directions: list[str]
+    objectives: list[ObjectiveInfo]
     counts: dict[str, int]
     best: dict[str, float | None]
     hypervolume: float | None
@@ -54,8 +72,9 @@ class StudySummary:
 @dataclass
 class StudyView:
     record: StudyRecord
+    objectives: list[ObjectiveInfo]
     trials: list[dict[str, Any]]
-    snapshot: dict[str, Any] | None
+    snapshot: SnapshotRow | None
     front: list[dict[str, Any]]
     snapshots: list[dict[str, Any]]
     counts: dict[str, int] = field(default_factory=dict)
@@ -72,23 +91,35 @@ class StudyView:
     def front_numbers(self) -> list[int]:
         return [int(p["trial_number"]) for p in self.front]
 
+    @property
+    def reported(self) -> list[str]:
+        return reported_names(self.trials, self.record.objectives)
+
     def complete(self) -> list[dict[str, Any]]:
         return [t for t in self.trials if t["state"] == "COMPLETE"
-                and all(t.get(o) is not None for o in ("accuracy", "size_mb", "backward_cost"))]
+                and all(value_of(t["values"], o.name) is not None for o in self.objectives)]
 
 
 @dataclass
 class TrialView:
     record: StudyRecord
-    trial: dict[str, Any]
-    layers: list[dict[str, Any]]
+    trial: TrialRow
+    layers: list[LayerRow]
     epochs: list[dict[str, Any]]
     on_front: bool
     is_knee: bool
 
     @property
     def running(self) -> bool:
-        return self.trial["state"] == "RUNNING"
+        return self.trial.state == "RUNNING"
+
+    def values(self) -> list[tuple[ObjectiveInfo, float | None]]:
+        """(registry facts, value) of the study's objectives, then the other stored values."""
+        objs = infos(self.record)
+        names = [o.name for o in objs]
+        rest = [n for n in queries.order_names(self.trial.values) if not _among(n, names)]
+        return [(o, self.trial.value(o.name)) for o in objs] + \
+            [(objective_info(n), self.trial.values[n]) for n in rest]
 
 
 def list_studies(src: Source) -> list[StudySummary]:
@@ -96,15 +127,16 @@ def list_studies(src: Source) -> list[StudySummary]:
     if not src.store.has_schema():
         return []
     rows = queries.list_studies(src.store)
-    extra = dq.study_overview(src.store)
+    extra = queries.study_overview(src.store)
     out = []
     for r in rows:
-        ex = extra.get(r["id"], {})
+        ex = extra.get(r.id)
+        objs = [objective_info(o, d) for o, d in zip(r.objectives, r.directions)]
         out.append(StudySummary(
-            name=r["name"], status=r["status"], objectives=list(r["objectives"]),
-            directions=list(r["directions"]), counts=dict(r["trials"]),
-            best=ex.get("best", {}), hypervolume=ex.get("hypervolume"),
-            created_at=r["created_at"], lease_host=r["lease_host"]))
+            name=r.name, status=r.status, objectives=objs, counts=dict(r.trials),
+            best={o.name: ex.best(o.name, o.direction) if ex else None for o in objs},
+            hypervolume=ex.hypervolume if ex else None, created_at=r.created_at,
+            lease_host=r.lease_host))
     return out
 
 
@@ -123,21 +155,25 @@ def optuna_only_studies(src: Source, known: set[str]) -> list[dict[str, Any]]:
 
 def study_view(src: Source, name: str) -> StudyView:
     rec = queries.require_study(src.store, name)
-    rows = dq.study_trials(src.store, rec.id)
+    rows = queries.study_trials(src.store, rec.id)
     snap, front = queries.pareto_front(src.store, name)
     snapshots = queries.pareto_snapshots(src.store, name)
-    on_front = {int(p["trial_number"]): bool(p["is_knee"]) for p in front}
+    on_front = {p.trial_number: p.is_knee for p in front}
     counts = {st: 0 for st in queries.TRIAL_STATES}
     trials = []
     for r in rows:
-        config = r.pop("config", None)
-        r["baseline"] = baseline_label(config)
-        r["on_front"] = r["number"] in on_front
-        r["is_knee"] = on_front.get(r["number"], False)
-        counts[r["state"]] = counts.get(r["state"], 0) + 1
-        trials.append(r)
-    return StudyView(record=rec, trials=trials, snapshot=snap, front=front,
-                     snapshots=snapshots, counts=counts)
+        # The config decides whether a trial is a baseline; it is not sent to the browser.
+        trials.append({"number": r.number, "state": r.state, "detail": r.detail,
+                       "params": r.params or {}, "values": dict(r.values),
+                       "epochs_completed": r.epochs_completed, "max_epochs": r.max_epochs,
+                       "started_at": r.started_at, "finished_at": r.finished_at,
+                       "baseline": baseline_label(r.config), "on_front": r.number in on_front,
+                       "is_knee": on_front.get(r.number, False)})
+        counts[r.state] = counts.get(r.state, 0) + 1
+    return StudyView(record=rec, objectives=infos(rec), trials=trials, snapshot=snap,
+                     front=[{"trial_number": p.trial_number, "is_knee": p.is_knee,
+                             "values": dict(p.values)} for p in front],
+                     snapshots=[sn.to_dict() for sn in snapshots], counts=counts)
 
 
 def trial_view(src: Source, name: str, number: int) -> TrialView:
@@ -146,6 +182,30 @@ def trial_view(src: Source, name: str, number: int) -> TrialView:
     layers = queries.layer_records(src.store, name, number)
     epochs = queries.epoch_metrics(src.store, name, number)
     _, front = queries.pareto_front(src.store, name)
-    knee = {int(p["trial_number"]): bool(p["is_knee"]) for p in front}
-    return TrialView(record=rec, trial=row, layers=layers, epochs=epochs,
+    knee = {p.trial_number: p.is_knee for p in front}
+    return TrialView(record=rec, trial=row, layers=layers,
+                     epochs=[{"epoch": e.epoch, "metrics": e.metrics} for e in epochs],
                      on_front=number in knee, is_knee=knee.get(number, False))
+
+
+def trial_record(src: Source, name: str, number: int) -> dict[str, Any]:
+    """A trial as one JSON-able document (the dashboard's download): study, params, config,
+    values by name with the registry's label/unit/direction, per-layer precision. Read-only;
+    the weights and the deployable export come from ``qsearch export``."""
+    view = trial_view(src, name, number)
+    t = view.trial
+    return {
+        "format": "qsearch-trial-record", "version": 1,
+        "study": name, "trial": t.number, "state": t.state, "detail": t.detail,
+        "spec_hash": view.record.spec_hash, "storage": src.masked_url,
+        "on_front": view.on_front, "is_knee": view.is_knee,
+        "values": {o.name: {"value": v, "label": o.label, "unit": o.unit,
+                            "direction": o.direction, "kind": o.kind}
+                   for o, v in view.values()},
+        "params": t.params, "config": t.config,
+        "precision": {r.name: {k: getattr(r, k) for k in ("kind", "w_bits", "a_bits", "g_bits",
+                                                         "params", "macs", "frozen_fraction")}
+                      for r in view.layers},
+        "export": f"qsearch export {name} --trial {t.number} -o trial-{t.number}.json "
+                  "(writes the weights and the deployable export)",
+    }

@@ -3,6 +3,11 @@
 Nothing here reads the database, so the dashboard, the HTML report and the tests build the
 same figures from the same rows. Every point that stands for a trial carries the trial
 number as ``customdata[0]``: clicking it opens that trial, and tests compare it to the store.
+
+The Pareto plots take the study's objectives as registry facts
+(:class:`~qsearch.store.ObjectiveInfo`): the first objective on the vertical axis, the
+second on the horizontal one, the third (if any) as colour; axis titles, hover text and
+colour bars use the registry's labels and units.
 """
 
 from __future__ import annotations
@@ -15,16 +20,14 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from dashboards.data import OBJECTIVE_LABELS
+from qsearch.store import ObjectiveInfo, objective_info
+from qsearch.store.queries import value_of
 
 FONT = "Inter, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif"
 COLORSCALE = "Viridis"
 FRONT_LINE = "#1f2937"
 ACCENT = "#2563eb"
 BITS_COLORS = {"w_bits": "#2563eb", "a_bits": "#f59e0b", "g_bits": "#10b981"}
-HOVER = ("<b>trial %{customdata[0]}</b><br>accuracy %{customdata[1]:.4f}<br>"
-         "size %{customdata[2]:.4g} MB<br>backward cost %{customdata[3]:.4g}"
-         "<br>%{customdata[4]}<extra></extra>")
 
 
 def _style(fig: go.Figure, title: str | None = None, height: int = 420) -> go.Figure:
@@ -47,9 +50,20 @@ def empty(message: str, height: int = 320) -> go.Figure:
     return _style(fig, height=height)
 
 
-def _custom(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
-    return [[int(r["number"]), r["accuracy"], r["size_mb"], r["backward_cost"],
-             r.get("tag") or ""] for r in rows]
+def _v(row: dict[str, Any], name: str) -> float | None:
+    return value_of(row.get("values") or {}, name)
+
+
+def _hover(objectives: Sequence[ObjectiveInfo]) -> str:
+    lines = [f"{o.label} %{{customdata[{i + 1}]:.4g}}{' ' + o.unit if o.unit else ''}"
+             for i, o in enumerate(objectives)]
+    return ("<b>trial %{customdata[0]}</b><br>" + "<br>".join(lines)
+            + f"<br>%{{customdata[{len(objectives) + 1}]}}<extra></extra>")
+
+
+def _custom(rows: Sequence[dict[str, Any]], objectives: Sequence[ObjectiveInfo]) -> list[list[Any]]:
+    return [[int(r["number"]), *(_v(r, o.name) for o in objectives), r.get("tag") or ""]
+            for r in rows]
 
 
 def _tag(t: dict[str, Any]) -> str:
@@ -63,119 +77,155 @@ def _tag(t: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _split(trials: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]]
+def _better(o: ObjectiveInfo, v: float) -> float:
+    """A sort key where smaller is better."""
+    return -v if o.direction == "maximize" else v
+
+
+def _split(trials: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
+           objectives: Sequence[ObjectiveInfo]
            ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """(front rows from the stored snapshot, dominated COMPLETE rows, baseline rows)."""
     by_number = {int(t["number"]): t for t in trials}
     front_rows = []
     for p in front:
         t = by_number.get(int(p["trial_number"]), {})
-        row = {"number": int(p["trial_number"]), "accuracy": p["accuracy"],
-               "size_mb": p["size_mb"], "backward_cost": p["backward_cost"],
+        row = {"number": int(p["trial_number"]), "values": p["values"],
                "is_knee": bool(p.get("is_knee")), "on_front": True,
                "baseline": t.get("baseline")}
         row["tag"] = _tag(row)
         front_rows.append(row)
     on_front = {r["number"] for r in front_rows}
-    complete = [t for t in trials if t["state"] == "COMPLETE" and t.get("accuracy") is not None
-                and t.get("size_mb") is not None and t.get("backward_cost") is not None]
+    complete = [t for t in trials if t["state"] == "COMPLETE"
+                and all(_v(t, o.name) is not None for o in objectives)]
     dominated = [{**t, "tag": _tag(t)} for t in complete if int(t["number"]) not in on_front]
-    # One marker per bit-width pair: the best (most accurate, then smallest) plain-LSQ run
-    # at that precision, i.e. the baseline a mixed-precision or method point has to beat.
+    # One marker per bit-width pair: the best plain-LSQ run at that precision (first
+    # objective, then second), i.e. the baseline a mixed-precision or method point has to beat.
     best: dict[str, dict[str, Any]] = {}
+
+    def key(r: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(_better(o, _v(r, o.name) or 0.0) for o in objectives[:2])
+
     for r in front_rows + dominated:
         lab = r.get("baseline")
-        if lab and (lab not in best or (r["accuracy"], -r["size_mb"]) >
-                    (best[lab]["accuracy"], -best[lab]["size_mb"])):
+        if lab and (lab not in best or key(r) < key(best[lab])):
             best[lab] = r
-    baselines = sorted(best.values(), key=lambda r: r["size_mb"])
+    x = objectives[1].name if len(objectives) > 1 else objectives[0].name
+    baselines = sorted(best.values(), key=lambda r: _v(r, x) or 0.0)
     return front_rows, dominated, baselines
 
 
-def _color_range(rows: Sequence[dict[str, Any]]) -> tuple[float, float]:
-    vals = [float(r["backward_cost"]) for r in rows]
+def _color_range(rows: Sequence[dict[str, Any]], name: str) -> tuple[float, float]:
+    vals = [float(v) for r in rows if (v := _v(r, name)) is not None]
     if not vals:
         return 0.0, 1.0
     lo, hi = min(vals), max(vals)
     return (lo, hi) if hi > lo else (lo - 0.05, hi + 0.05)
 
 
+def _coloraxis(rows: Sequence[dict[str, Any]], c: ObjectiveInfo | None) -> dict[str, Any]:
+    if c is None:
+        return {"colorscale": COLORSCALE, "showscale": False}
+    cmin, cmax = _color_range(rows, c.name)
+    # Better is always the bright end of the scale.
+    return {"colorscale": COLORSCALE, "cmin": cmin, "cmax": cmax,
+            "reversescale": c.direction == "minimize",
+            "colorbar": {"title": {"text": c.label.replace(" ", "<br>", 1)}, "thickness": 14}}
+
+
+def _axes(objectives: Sequence[str | ObjectiveInfo]) -> list[ObjectiveInfo]:
+    return [o if isinstance(o, ObjectiveInfo) else objective_info(o) for o in objectives]
+
+
 def pareto_2d(trials: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
-              title: str | None = "Pareto front: accuracy vs size") -> go.Figure:
-    """Accuracy vs model size, every COMPLETE trial coloured by backward cost; dominated
-    trials faded, the stored Pareto front solid and outlined, baselines as labelled diamonds,
-    the knee as a star."""
-    front_rows, dominated, baselines = _split(trials, front)
+              objectives: Sequence[str | ObjectiveInfo], title: str | None = None) -> go.Figure:
+    """First objective against the second, every COMPLETE trial coloured by the third;
+    dominated trials faded, the stored Pareto front solid and outlined, baselines as labelled
+    diamonds, the knee as a star."""
+    objs = _axes(objectives)
+    if len(objs) < 2:
+        return empty("a 2-D front needs two objectives", height=460)
+    y, x, c = objs[0], objs[1], (objs[2] if len(objs) > 2 else None)
+    title = title if title is not None else f"Pareto front: {y.label} vs {x.label}"
+    front_rows, dominated, baselines = _split(trials, front, objs)
     if not front_rows and not dominated:
         return empty("no completed trial yet", height=460)
-    cmin, cmax = _color_range(front_rows + dominated)
+    hover = _hover(objs)
+
+    def colors(rows: list[dict[str, Any]]) -> Any:
+        return [_v(r, c.name) for r in rows] if c else ACCENT
+
     fig = go.Figure()
     fig.add_trace(go.Scatter(
-        name="dominated", x=[t["size_mb"] for t in dominated],
-        y=[t["accuracy"] for t in dominated], mode="markers", customdata=_custom(dominated),
-        hovertemplate=HOVER, marker={"size": 8, "opacity": 0.28, "color":
-                                     [t["backward_cost"] for t in dominated],
-                                     "coloraxis": "coloraxis", "line": {"width": 0}}))
-    ordered = sorted(front_rows, key=lambda r: (r["size_mb"], r["accuracy"]))
+        name="dominated", x=[_v(t, x.name) for t in dominated],
+        y=[_v(t, y.name) for t in dominated], mode="markers",
+        customdata=_custom(dominated, objs), hovertemplate=hover,
+        marker={"size": 8, "opacity": 0.28, "color": colors(dominated),
+                "coloraxis": "coloraxis", "line": {"width": 0}}))
+    ordered = sorted(front_rows, key=lambda r: (_v(r, x.name), _v(r, y.name)))
     fig.add_trace(go.Scatter(
-        name="Pareto front", x=[r["size_mb"] for r in ordered],
-        y=[r["accuracy"] for r in ordered], mode="markers", customdata=_custom(ordered),
-        hovertemplate=HOVER, marker={"size": 13, "color": [r["backward_cost"] for r in ordered],
+        name="Pareto front", x=[_v(r, x.name) for r in ordered],
+        y=[_v(r, y.name) for r in ordered], mode="markers", customdata=_custom(ordered, objs),
+        hovertemplate=hover, marker={"size": 13, "color": colors(ordered),
                                      "coloraxis": "coloraxis",
                                      "line": {"width": 1.5, "color": FRONT_LINE}}))
     knee = [r for r in ordered if r["is_knee"]]
     if knee:
         fig.add_trace(go.Scatter(
-            name="knee", x=[knee[0]["size_mb"]], y=[knee[0]["accuracy"]], mode="markers",
-            customdata=_custom(knee), hovertemplate=HOVER,
+            name="knee", x=[_v(r, x.name) for r in knee],
+            y=[_v(r, y.name) for r in knee], mode="markers",
+            customdata=_custom(knee, objs), hovertemplate=hover,
             marker={"symbol": "star", "size": 20, "color": "rgba(0,0,0,0)",
                     "line": {"width": 2, "color": "#dc2626"}}))
     if baselines:
         fig.add_trace(go.Scatter(
-            name="uniform-precision baseline", x=[b["size_mb"] for b in baselines],
-            y=[b["accuracy"] for b in baselines], mode="markers+text",
+            name="uniform-precision baseline", x=[_v(b, x.name) for b in baselines],
+            y=[_v(b, y.name) for b in baselines], mode="markers+text",
             text=[b["baseline"] for b in baselines], textposition="top center",
-            textfont={"size": 10, "color": "#374151"}, customdata=_custom(baselines),
-            hovertemplate=HOVER, marker={"symbol": "diamond-open", "size": 16,
+            textfont={"size": 10, "color": "#374151"}, customdata=_custom(baselines, objs),
+            hovertemplate=hover, marker={"symbol": "diamond-open", "size": 16,
                                          "line": {"width": 2, "color": "#111827"}}))
-    fig.update_layout(coloraxis={"colorscale": COLORSCALE, "cmin": cmin, "cmax": cmax,
-                                 "colorbar": {"title": {"text": "backward<br>cost"},
-                                              "thickness": 14}},
-                      clickmode="event", hovermode="closest")
-    fig.update_xaxes(title_text=OBJECTIVE_LABELS["size_mb"])
-    fig.update_yaxes(title_text=OBJECTIVE_LABELS["accuracy"])
+    fig.update_layout(coloraxis=_coloraxis(front_rows + dominated, c), clickmode="event",
+                      hovermode="closest")
+    fig.update_xaxes(title_text=x.axis_title)
+    fig.update_yaxes(title_text=y.axis_title)
     return _style(fig, title, height=460)
 
 
 def pareto_3d(trials: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
-              title: str | None = "3-D view: accuracy, size, backward cost") -> go.Figure:
-    front_rows, dominated, baselines = _split(trials, front)
+              objectives: Sequence[str | ObjectiveInfo], title: str | None = None) -> go.Figure:
+    """The first three objectives in 3-D (second, third, first on x, y, z), coloured by the
+    third."""
+    objs = _axes(objectives)
+    if len(objs) < 3:
+        return empty("a 3-D view needs three objectives", height=460)
+    z, x, y = objs[0], objs[1], objs[2]
+    title = title if title is not None else f"3-D view: {z.label}, {x.label}, {y.label}"
+    front_rows, dominated, baselines = _split(trials, front, objs)
     if not front_rows and not dominated:
         return empty("no completed trial yet", height=460)
-    cmin, cmax = _color_range(front_rows + dominated)
+    hover = _hover(objs)
     fig = go.Figure()
 
     def add(name: str, rows: list[dict[str, Any]], marker: dict[str, Any], **kw: Any) -> None:
         fig.add_trace(go.Scatter3d(
-            name=name, x=[r["size_mb"] for r in rows], y=[r["backward_cost"] for r in rows],
-            z=[r["accuracy"] for r in rows], customdata=_custom(rows), hovertemplate=HOVER,
+            name=name, x=[_v(r, x.name) for r in rows], y=[_v(r, y.name) for r in rows],
+            z=[_v(r, z.name) for r in rows], customdata=_custom(rows, objs), hovertemplate=hover,
             marker=marker, **kw))
 
     add("dominated", dominated, {"size": 4, "opacity": 0.25, "coloraxis": "coloraxis",
-                                 "color": [t["backward_cost"] for t in dominated]},
-        mode="markers")
+                                 "color": [_v(t, y.name) for t in dominated]}, mode="markers")
     add("Pareto front", front_rows, {"size": 7, "coloraxis": "coloraxis",
-                                     "color": [r["backward_cost"] for r in front_rows],
+                                     "color": [_v(r, y.name) for r in front_rows],
                                      "line": {"width": 1, "color": FRONT_LINE}}, mode="markers")
     if baselines:
         add("uniform-precision baseline", baselines,
             {"symbol": "diamond-open", "size": 8, "color": "#111827"}, mode="markers+text",
             text=[b["baseline"] for b in baselines], textfont={"size": 10})
     fig.update_layout(
-        coloraxis={"colorscale": COLORSCALE, "cmin": cmin, "cmax": cmax,
-                   "colorbar": {"title": {"text": "backward<br>cost"}, "thickness": 14}},
-        scene={"xaxis_title": "size (MB)", "yaxis_title": "backward cost",
-               "zaxis_title": "accuracy", "camera": {"eye": {"x": 1.6, "y": -1.6, "z": 0.9}}})
+        coloraxis=_coloraxis(front_rows + dominated, y),
+        scene={"xaxis_title": x.short, "yaxis_title": y.short, "zaxis_title": z.short,
+               "camera": {"eye": {"x": 1.6, "y": -1.6, "z": 0.9}}})
     fig = _style(fig, title, height=460)
     fig.update_layout(margin={"l": 0, "r": 0, "t": 56, "b": 10},
                       legend={"y": 0.02, "yanchor": "bottom"})
@@ -243,17 +293,19 @@ def _sort_key(label: str) -> tuple[int, float, str]:
         return (1, 0.0, label)
 
 
-def parallel_coordinates(trials: Sequence[dict[str, Any]], objective: str, direction: str,
-                         objectives: Sequence[str] = ("accuracy", "size_mb", "backward_cost"),
+def parallel_coordinates(trials: Sequence[dict[str, Any]], color: str | ObjectiveInfo,
+                         objectives: Sequence[str | ObjectiveInfo],
                          title: str | None = "Searched parameters") -> go.Figure:
     """Plotly's parcoords over the searched params of every COMPLETE trial, then the
-    objectives, coloured by ``objective`` (brush an axis to filter).
+    objectives (registry labels), coloured by ``color`` (brush an axis to filter).
 
     Why not ``optuna.visualization.plot_parallel_coordinate``: Optuna 5 draws one Scatter
     trace per trial, which is slow to send and render at 1,000 trials; one ``Parcoords``
     trace (WebGL) stays fast and is interactive.
     """
-    rows = [t for t in trials if t["state"] == "COMPLETE" and t.get(objective) is not None]
+    c = _axes([color])[0]
+    objs = _axes(objectives)
+    rows = [t for t in trials if t["state"] == "COMPLETE" and _v(t, c.name) is not None]
     if not rows:
         return empty("no completed trial yet")
     keys: list[str] = []
@@ -262,14 +314,12 @@ def parallel_coordinates(trials: Sequence[dict[str, Any]], objective: str, direc
             if k not in keys:
                 keys.append(k)
     dims = [_dimension(k, [(t.get("params") or {}).get(k) for t in rows]) for k in keys]
-    dims += [{"label": OBJECTIVE_LABELS.get(o, o), "values": [t[o] for t in rows]}
-             for o in objectives if all(t.get(o) is not None for t in rows)]
-    color = [t[objective] for t in rows]
-    scale = COLORSCALE if direction == "maximize" else COLORSCALE + "_r"
+    dims += [{"label": o.short, "values": [_v(t, o.name) for t in rows]}
+             for o in objs if all(_v(t, o.name) is not None for t in rows)]
+    scale = COLORSCALE if c.direction != "minimize" else COLORSCALE + "_r"
     fig = go.Figure(go.Parcoords(
-        line={"color": color, "colorscale": scale, "showscale": True,
-              "colorbar": {"title": {"text": OBJECTIVE_LABELS.get(objective, objective)},
-                           "thickness": 14}},
+        line={"color": [_v(t, c.name) for t in rows], "colorscale": scale, "showscale": True,
+              "colorbar": {"title": {"text": c.short}, "thickness": 14}},
         dimensions=dims, labelangle=-20, labelside="top",
         customdata=[int(t["number"]) for t in rows]))
     fig = _style(fig, title, height=420)
@@ -277,7 +327,7 @@ def parallel_coordinates(trials: Sequence[dict[str, Any]], objective: str, direc
     return fig
 
 
-def layer_bits(layers: Sequence[dict[str, Any]], title: str | None = "Per-layer bit-widths"
+def layer_bits(layers: Sequence[Any], title: str | None = "Per-layer bit-widths"
                ) -> go.Figure:
     if not layers:
         return empty("no per-layer record (the trial has not finished)")
@@ -295,7 +345,7 @@ def layer_bits(layers: Sequence[dict[str, Any]], title: str | None = "Per-layer 
     return _style(fig, title, height=380)
 
 
-def frozen_fractions(layers: Sequence[dict[str, Any]],
+def frozen_fractions(layers: Sequence[Any],
                      title: str | None = "Frozen fraction per layer (time-averaged)") -> go.Figure:
     if not layers:
         return empty("no per-layer record (the trial has not finished)")
@@ -324,12 +374,16 @@ def _series(epochs: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list
 
 def epoch_curves(epochs: Sequence[dict[str, Any]], title: str | None = "Per-epoch curves"
                  ) -> go.Figure:
-    """Accuracy, loss, LTS frozen fraction and TR measured-vs-target transition rate, one
+    """Accuracy (validation and test), loss, LTS frozen fraction and TR measured-vs-target transition rate, one
     panel each; method panels appear only when the trial reported those metrics."""
     if not epochs:
         return empty("no epoch reported yet")
+    # Validation and test accuracy where the trial reports them; stores from before
+    # validation splits have only ``accuracy`` (the registry's label says which split).
+    acc = [k for k in ("val_accuracy", "test_accuracy") if _series(epochs, k)[0]] or ["accuracy"]
     panels: list[tuple[str, list[tuple[str, str, str, str]]]] = [
-        ("accuracy", [("accuracy", "test accuracy", ACCENT, "solid")]),
+        ("accuracy", [(k, objective_info(k).label, color, dash) for k, color, dash in
+                      zip(acc, (ACCENT, "#0ea5e9"), ("solid", "dot"))]),
         ("loss", [("train_loss", "train loss", "#f59e0b", "solid"),
                   ("test_loss", "test loss", "#dc2626", "dot")]),
     ]

@@ -7,23 +7,24 @@ driver's commit wait or, past its timeout, fail with "database is locked". So:
 * SQLite files are opened through a URI with ``mode=ro`` — SQLite itself refuses any write,
   and a read-only connection never takes the RESERVED lock a writer needs.
 * PostgreSQL sessions start with ``default_transaction_read_only=on``.
-* Every query is its own short transaction (helper-2's :mod:`qsearch.store.queries` and
-  :mod:`dashboards.queries`), rows are fetched at once, nothing is held between requests.
+* Every query is its own short transaction (:mod:`qsearch.store.queries`, the only place
+  with SQL), rows are fetched at once, nothing is held between requests.
+* The handle is a :class:`~qsearch.store.Database`, not a :class:`~qsearch.store.Store`: it
+  has no write methods and never creates or upgrades the schema.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from qsearch.errors import ConfigError, StorageError
-from qsearch.store import Store, existing_sqlite_file, mask_url
+from qsearch.config import defaults
+from qsearch.store import Database, existing_sqlite_file, mask_url
 
 #: How long one dashboard read waits for a writer's lock before giving up (seconds). Short on
 #: purpose: a page that cannot read now simply shows the last data on its next refresh.
@@ -32,9 +33,7 @@ READ_TIMEOUT_S = 10.0
 
 def default_storage() -> str:
     """Same default as the rest of the CLI: ``$QSEARCH_STORAGE`` or ``sqlite:///qsearch.db``."""
-    from qsearch.config import DEFAULT_STORAGE
-
-    return os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE
+    return defaults.storage_url()
 
 
 def readonly_url(url: str, field_name: str = "--storage") -> tuple[str, dict[str, Any]]:
@@ -58,13 +57,13 @@ def readonly_url(url: str, field_name: str = "--storage") -> tuple[str, dict[str
 
 @dataclass
 class Source:
-    """One database opened read-only: qsearch's tables through :class:`Store` (never
+    """One database opened read-only: qsearch's tables through a :class:`Database` (never
     creating them) and Optuna's through a read-only ``RDBStorage``, both on the same URL."""
 
     url: str
     ro_url: str
     connect_args: dict[str, Any]
-    store: Store
+    store: Database
     _optuna: Any = field(default=None, repr=False)
 
     @property
@@ -97,14 +96,11 @@ def open_source(url: str | None = None) -> Source:
     """Open ``url`` (default :func:`default_storage`) read-only."""
     url = url or default_storage()
     ro, connect_args = readonly_url(url)
-    store = Store(ro, create=False)
-    # Store's engine is tuned for the writer (60 s SQLite timeout); a reader gives up sooner
-    # and also refuses writes at the connection level. Same URL (psycopg driver resolved).
-    store.engine.dispose()
-    store.engine = create_engine(store.sqlalchemy_url, connect_args=connect_args,
-                                 pool_pre_ping=True)
-    if store.engine.dialect.name == "sqlite":
-        event.listen(store.engine, "connect", _sqlite_reader_pragmas)
+    # Not the writer's engine settings (60 s SQLite timeout): a reader gives up sooner and
+    # also refuses writes at the connection level.
+    sqlite = ro.startswith("sqlite")
+    store = Database(ro, engine_options={"connect_args": connect_args, "pool_pre_ping": True},
+                     on_connect=_sqlite_reader_pragmas if sqlite else None)
     return Source(url=url, ro_url=store.sqlalchemy_url, connect_args=connect_args, store=store)
 
 

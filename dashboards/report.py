@@ -43,41 +43,36 @@ def _fmt(v: Any) -> str:
 
 
 def _table(view: data.StudyView) -> str:
-    by_number = {t["number"]: t for t in view.trials}
-    head = ("<tr><th>trial</th><th class=num>accuracy</th><th class=num>size (MB)</th>"
-            "<th class=num>backward cost</th><th class=num>forward BOPs</th><th>params</th>"
-            "<th>note</th></tr>")
-    rows = []
-    for p in sorted(view.front, key=lambda p: (-(p["accuracy"] or 0), p["size_mb"] or 0)):
-        t = by_number.get(p["trial_number"], {})
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in (t.get("params") or {}).items())
-        note = ", ".join(x for x in ("knee" if p["is_knee"] else "",
-                                     f"baseline {t['baseline']}" if t.get("baseline") else "")
-                         if x)
-        rows.append(f"<tr class=pareto-row data-trial={int(p['trial_number'])}>"
-                    f"<td>#{int(p['trial_number'])}</td><td class=num>{_fmt(p['accuracy'])}</td>"
-                    f"<td class=num>{_fmt(p['size_mb'])}</td>"
-                    f"<td class=num>{_fmt(p['backward_cost'])}</td>"
-                    f"<td class=num>{_fmt(t.get('bops'))}</td><td><code>{html.escape(params)}"
-                    f"</code></td><td>{html.escape(note)}</td></tr>")
-    return f"<table id=pareto-table>{head}{''.join(rows)}</table>"
+    from dashboards.pages.study import column_titles, front_rows
+
+    names, rows = front_rows(view)
+    titles = column_titles(names, view.record.objectives)
+    head = ("<tr><th>trial</th>" + "".join(f"<th class=num>{html.escape(t)}</th>"
+                                           for t in titles) + "<th>params</th><th>note</th></tr>")
+    out = []
+    for r in rows:
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
+        cells = "".join(f"<td class=num>{_fmt(v)}</td>" for v in r["values"])
+        out.append(f"<tr class=pareto-row data-trial={int(r['trial_number'])}>"
+                   f"<td>#{int(r['trial_number'])}</td>{cells}<td><code>{html.escape(params)}"
+                   f"</code></td><td>{html.escape(r['note'])}</td></tr>")
+    return f"<table id=pareto-table>{head}{''.join(out)}</table>"
 
 
 def render_report(src: Source, study: str) -> str:
     """The report's HTML text."""
     view = data.study_view(src, study)
-    figs = [("pareto-2d", figures.pareto_2d(view.trials, view.front)),
-            ("pareto-3d", figures.pareto_3d(view.trials, view.front)),
+    figs = [("pareto-2d", figures.pareto_2d(view.trials, view.front, view.objectives)),
+            ("pareto-3d", figures.pareto_3d(view.trials, view.front, view.objectives)),
             ("hypervolume", figures.hypervolume_history(view.snapshots))]
-    rec = view.record
     figs.append(("parallel-coordinates", figures.parallel_coordinates(
-        view.trials, rec.objectives[0], rec.directions[0], rec.objectives)))
+        view.trials, view.objectives[0], view.objectives)))
     parts = []
     for i, (div_id, fig) in enumerate(figs):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id,
                                  config={"displaylogo": False, "responsive": True}))
     n = view.counts
-    hv = view.snapshot.get("hypervolume") if view.snapshot else None
+    hv = view.snapshot.hypervolume if view.snapshot else None
     stats = "".join(f"<div class=stat><span>{k}</span><b>{_fmt(v)}</b></div>" for k, v in (
         ("status", view.record.status), ("finished", n.get("COMPLETE", 0)),
         ("running", n.get("RUNNING", 0)), ("pruned", n.get("PRUNED", 0)),
@@ -88,7 +83,7 @@ def render_report(src: Source, study: str) -> str:
     rest = "".join(f"<div class=card>{p}</div>" for p in parts[2:])
     return (f"<!DOCTYPE html><html><head><meta charset=utf-8><title>{title}</title>"
             f"<style>{_CSS}</style></head><body><header><h1>{title}</h1>"
-            f"<p>objectives {html.escape(', '.join(view.record.objectives))} · "
+            f"<p>objectives {html.escape(', '.join(f'{o.axis_title} {o.arrow}' for o in view.objectives))} · "
             f"{html.escape(src.masked_url)} · generated {when}</p></header><main>"
             f"<div class=stats>{stats}</div>{grid1}{rest}"
             f"<div class=card><h3>Pareto trials</h3>{_table(view)}</div></main></body></html>")

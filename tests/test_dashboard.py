@@ -19,7 +19,7 @@ import requests
 
 from dashboards import create_app
 from dashboards.readonly import open_source, readonly_url
-from dashboards.testing import (
+from _dash_data import (
     TINY_STUDY,
     launch_command,
     serve_in_thread,
@@ -28,7 +28,7 @@ from dashboards.testing import (
     write_spec,
 )
 from qsearch.errors import ConfigError
-from qsearch.store import Store, queries
+from qsearch.store import Store, objective_info, queries
 
 pytestmark = pytest.mark.slow
 
@@ -270,34 +270,41 @@ def test_click_opens_trial_page(served: dict[str, Any]) -> None:
     assert frozen == pytest.approx([r["frozen_fraction"] for r in layers])
     epochs = queries.epoch_metrics(store, TINY_STUDY, n)
     curves = find(page, "epoch-curves")["props"]["figure"]
-    acc = trace(curves, "test accuracy")
-    assert acc["x"] == [e["epoch"] for e in epochs]
-    assert acc["y"] == pytest.approx([e["accuracy"] for e in epochs])
+    key = "val_accuracy" if epochs[0].metrics.get("val_accuracy") is not None else "accuracy"
+    acc = trace(curves, objective_info(key).label)  # the registry's label
+    assert acc["x"] == [e.epoch for e in epochs]
+    assert acc["y"] == pytest.approx([e.metrics[key] for e in epochs])
     config = json.loads(find(page, "trial-config")["props"]["children"])
     assert config["config"] == queries.trial(store, TINY_STUDY, n)["config"]
 
 
-def test_export_button_downloads_export_json(served: dict[str, Any]) -> None:
+def test_download_button_gives_the_trial_record(served: dict[str, Any]) -> None:
+    """The trial page's download is the trial as stored (values by name with the registry's
+    labels, per-layer precision), read-only: also for a dominated trial whose weights are
+    gone. Weights and deployable files are ``qsearch export``'s job."""
     client, store = served["client"], served["store"]
     _, front = queries.pareto_front(store, TINY_STUDY)
-    n = front[0]["trial_number"]  # Pareto trials keep their weights (keep: pareto)
+    n = front[0].trial_number
     resp = client.call("export-download.data", {"export-button.n_clicks": 1,
                                                 "trial-key.data": {"study": TINY_STUDY,
                                                                    "number": n}})
     download = resp["export-download"]["data"]
     assert download["filename"] == f"{TINY_STUDY}-trial-{n}.json"
     doc = json.loads(download["content"])
-    assert doc["format"] == "qsearch-export" and doc["provenance"]["trial"] == n
-    assert list(doc["precision"]) == [r["name"] for r in queries.layer_records(store, TINY_STUDY, n)]
-    assert doc["objectives"]["accuracy"] == pytest.approx(front[0]["accuracy"])
-    # a dominated trial has no weights any more: a message, no crash
-    dominated = [t["number"] for t in queries.trials(store, TINY_STUDY, ["COMPLETE"])
-                 if t["number"] not in {p["trial_number"] for p in front}]
+    assert doc["format"] == "qsearch-trial-record" and doc["trial"] == n and doc["on_front"]
+    assert list(doc["precision"]) == [r.name for r in queries.layer_records(store, TINY_STUDY, n)]
+    rec = queries.require_study(store, TINY_STUDY)
+    for o in rec.objectives:
+        assert doc["values"][o]["value"] == pytest.approx(front[0].value(o))
+        assert doc["values"][o]["label"] == objective_info(o).label
+    assert doc["config"] == queries.trial(store, TINY_STUDY, n).config
+    dominated = [t.number for t in queries.trials(store, TINY_STUDY, ["COMPLETE"])
+                 if t.number not in {p.trial_number for p in front}]
     if dominated:
         resp = client.call("export-download.data", {
             "export-button.n_clicks": 1, "trial-key.data": {"study": TINY_STUDY,
                                                             "number": dominated[0]}})
-        assert resp["export-message"]["children"].startswith("cannot export")
+        assert json.loads(resp["export-download"]["data"]["content"])["trial"] == dominated[0]
 
 
 def test_unknown_pages_say_why(served: dict[str, Any]) -> None:

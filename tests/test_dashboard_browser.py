@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from dashboards import create_app, write_report
-from dashboards.testing import TINY_STUDY, ensure_tiny_study, serve_in_thread
+from _dash_data import TINY_STUDY, ensure_tiny_study, serve_in_thread
 from qsearch.store import Store, queries
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboards.testing import TINY_STUDY, ensure_tiny_study
+from _dash_data import TINY_STUDY, ensure_tiny_study
 from qsearch.cli import main
 from qsearch.store import Store, queries
 

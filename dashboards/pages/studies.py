@@ -13,7 +13,14 @@ from dashboards.readonly import Source
 
 REFRESH_MS = 5000
 COLUMNS = ["study", "status", "objectives", "finished", "running", "pruned", "failed",
-           "best accuracy", "best size (MB)", "best backward cost", "hypervolume", "created"]
+           "best values", "hypervolume", "created"]
+
+
+def _best(s: data.StudySummary) -> str:
+    """``accuracy 0.91 · size 0.05 MB``: the best stored value of each objective, labelled
+    and with units from the objective registry."""
+    return " · ".join(f"{o.label} {c.fmt(s.best.get(o.name))}{' ' + o.unit if o.unit else ''}"
+                      for o in s.objectives if s.best.get(o.name) is not None) or "–"
 
 
 def _content(src: Source) -> tuple[Any, bool]:
@@ -23,14 +30,13 @@ def _content(src: Source) -> tuple[Any, bool]:
         n = s.counts
         rows.append([
             dcc.Link(s.name, href=c.study_href(s.name), className="study-link"),
-            c.badge(s.status), ", ".join(s.objectives), n.get("COMPLETE", 0),
-            n.get("RUNNING", 0), n.get("PRUNED", 0), n.get("FAIL", 0),
-            s.best.get("accuracy"), s.best.get("size_mb"), s.best.get("backward_cost"),
-            s.hypervolume, c.fmt(s.created_at)])
+            c.badge(s.status), ", ".join(f"{o.name} {o.arrow}" for o in s.objectives),
+            n.get("COMPLETE", 0), n.get("RUNNING", 0), n.get("PRUNED", 0), n.get("FAIL", 0),
+            _best(s), s.hypervolume, c.fmt(s.created_at)])
     parts: list[Any] = []
     if rows:
         parts.append(c.table(COLUMNS, rows, table_id="studies-table",
-                             numeric=range(3, 11)))
+                             numeric=(3, 4, 5, 6, 8)))
     else:
         parts.append(html.P(["No qsearch study in this database yet. Start one with ",
                              html.Code("qsearch launch studies/<spec>.yaml"), "."],

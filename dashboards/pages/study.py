@@ -11,10 +11,10 @@ from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 from dashboards import components as c
 from dashboards import data, figures
 from dashboards.readonly import Source
+from qsearch.store import objective_info
+from qsearch.store.queries import value_of
 
 REFRESH_MS = 5000
-TABLE_COLUMNS = ["trial", "accuracy", "size (MB)", "backward cost", "forward BOPs", "params",
-                 "note"]
 
 
 def _params_text(params: dict[str, Any] | None) -> str:
@@ -24,43 +24,69 @@ def _params_text(params: dict[str, Any] | None) -> str:
 def header(view: data.StudyView) -> list[Any]:
     n = view.counts
     rec = view.record
-    best = {}
+    best: dict[str, float] = {}
     for t in view.complete():
-        for o, d in zip(rec.objectives, rec.directions):
-            v = t.get(o)
-            if v is not None and (o not in best or (v > best[o] if d == "maximize" else v < best[o])):
-                best[o] = v
-    hv = view.snapshot.get("hypervolume") if view.snapshot else None
+        for o in view.objectives:
+            v = value_of(t["values"], o.name)
+            if v is not None and (o.name not in best or (
+                    v > best[o.name] if o.direction == "maximize" else v < best[o.name])):
+                best[o.name] = v
+    hv = view.snapshot.hypervolume if view.snapshot else None
     stats = [c.stat("finished", n.get("COMPLETE", 0)), c.stat("running", n.get("RUNNING", 0)),
              c.stat("pruned", n.get("PRUNED", 0)), c.stat("failed", n.get("FAIL", 0)),
              c.stat("Pareto trials", len(view.front)), c.stat("hypervolume", hv)]
-    stats += [c.stat(f"best {data.OBJECTIVE_LABELS.get(o, o)}", best.get(o))
-              for o in rec.objectives]
+    stats += [c.stat(f"best {o.short}", best.get(o.name)) for o in view.objectives]
     return [html.Div([html.H2(view.name), c.badge(rec.status),
                       c.live_note(view.running, REFRESH_MS)], className="page-title"),
             html.Div(stats, className="stats")]
 
 
-def pareto_table(view: data.StudyView) -> Any:
+def front_rows(view: data.StudyView) -> tuple[list[str], list[dict[str, Any]]]:
+    """(value names: objectives then reported values, front rows best-first by the first
+    objectives) for the Pareto tables of the page and the report."""
     by_number = {t["number"]: t for t in view.trials}
+    names = [o.name for o in view.objectives] + view.reported
+
+    def key(p: dict[str, Any]) -> tuple[float, ...]:
+        out = []
+        for o in view.objectives[:2]:
+            v = value_of(p["values"], o.name) or 0.0
+            out.append(-v if o.direction == "maximize" else v)
+        return tuple(out)
+
     rows = []
-    for p in sorted(view.front, key=lambda p: (-(p["accuracy"] or 0), p["size_mb"] or 0)):
+    for p in sorted(view.front, key=key):
         t = by_number.get(p["trial_number"], {})
         note = ", ".join(x for x in ("knee" if p["is_knee"] else "",
                                      f"baseline {t['baseline']}" if t.get("baseline") else "")
                          if x)
-        rows.append([dcc.Link(f"#{p['trial_number']}", href=c.trial_href(view.name,
-                                                                         p["trial_number"])),
-                     p["accuracy"], p["size_mb"], p["backward_cost"], t.get("bops"),
-                     html.Span(_params_text(t.get("params")), className="mono small"), note])
+        values = {**(t.get("values") or {}), **p["values"]}
+        rows.append({"trial_number": p["trial_number"], "params": t.get("params") or {},
+                     "note": note, "values": [value_of(values, n) for n in names]})
+    return names, rows
+
+
+def column_titles(names: list[str], objectives: list[str]) -> list[str]:
+    infos = [objective_info(n) for n in names]
+    return [f"{i.short} {i.arrow}".strip() if n in objectives else i.short
+            for n, i in zip(names, infos)]
+
+
+def pareto_table(view: data.StudyView) -> Any:
+    names, front = front_rows(view)
+    rows = [[dcc.Link(f"#{r['trial_number']}", href=c.trial_href(view.name, r["trial_number"])),
+             *r["values"], html.Span(_params_text(r["params"]), className="mono small"),
+             r["note"]] for r in front]
     if not rows:
         return html.P("No completed trial yet.", className="muted")
-    return c.table(TABLE_COLUMNS, rows, table_id="pareto-table-rows", numeric=(1, 2, 3, 4))
+    titles = column_titles(names, view.record.objectives)
+    return c.table(["trial", *titles, "params", "note"], rows, table_id="pareto-table-rows",
+                   numeric=range(1, len(names) + 1))
 
 
 def _figures(view: data.StudyView) -> tuple[Any, Any, Any]:
-    f2 = figures.pareto_2d(view.trials, view.front)
-    f3 = figures.pareto_3d(view.trials, view.front)
+    f2 = figures.pareto_2d(view.trials, view.front, view.objectives)
+    f3 = figures.pareto_3d(view.trials, view.front, view.objectives)
     hv = figures.hypervolume_history(view.snapshots)
     for f in (f2, f3, hv):
         f.update_layout(uirevision=view.name)  # keep zoom/camera across live refreshes
@@ -69,10 +95,9 @@ def _figures(view: data.StudyView) -> tuple[Any, Any, Any]:
 
 def parcoords_figure(src: Source, name: str, objective: str | None) -> Any:
     view = data.study_view(src, name)
-    rec = view.record
-    objective = objective if objective in rec.objectives else rec.objectives[0]
-    direction = rec.directions[rec.objectives.index(objective)]
-    fig = figures.parallel_coordinates(view.trials, objective, direction, rec.objectives)
+    by_name = {o.name: o for o in view.objectives}
+    color = by_name.get(objective or "", view.objectives[0])
+    fig = figures.parallel_coordinates(view.trials, color, view.objectives)
     fig.update_layout(uirevision=f"{name}/{objective}")
     return fig
 
@@ -80,7 +105,7 @@ def parcoords_figure(src: Source, name: str, objective: str | None) -> Any:
 def layout(src: Source, name: str) -> html.Div:
     view = data.study_view(src, name)
     f2, f3, hv = _figures(view)
-    objectives = view.record.objectives
+    objectives = [{"label": o.short, "value": o.name} for o in view.objectives]
     return html.Div([
         c.breadcrumbs(("Studies", "/"), (view.name, None)),
         dcc.Store(id="study-name", data=view.name),
@@ -94,7 +119,7 @@ def layout(src: Source, name: str) -> html.Div:
                   c.card(None, html.Div([
                       html.Span("colour by ", className="muted small"),
                       dcc.Dropdown(id="parcoords-objective", options=objectives,
-                                   value=objectives[0], clearable=False,
+                                   value=objectives[0]["value"], clearable=False,
                                    className="inline-dropdown")], className="card-tools"),
                       dcc.Loading(c.graph("parcoords", figures.empty("loading…")),
                                   type="dot"))], className="grid-2"),

@@ -1,12 +1,11 @@
-"""One trial: per-layer bit-widths and frozen fractions, per-epoch curves, the full config,
-and a button that downloads the export JSON (built by :func:`qsearch.export.export_trial`)."""
+"""One trial: its values, per-layer bit-widths and frozen fractions, per-epoch curves, the
+full config, and a button that downloads the trial as JSON (:func:`dashboards.data.trial_record`,
+read-only; ``qsearch export`` writes weights and deployable files)."""
 
 from __future__ import annotations
 
 import json
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from dash import Dash, Input, Output, State, dcc, html
@@ -26,22 +25,21 @@ def header(view: data.TrialView) -> list[Any]:
         tags.append(html.Span("Pareto", className="tag tag-front"))
     if view.is_knee:
         tags.append(html.Span("knee", className="tag tag-knee"))
-    label = data.baseline_label(t.get("config"))
+    label = data.baseline_label(t.config)
     if label:
         tags.append(html.Span(f"baseline {label}", className="tag"))
     running = view.running or view.record.status == "running"
-    stats = [c.stat("accuracy", t.get("accuracy")), c.stat("size (MB)", t.get("size_mb")),
-             c.stat("backward cost", t.get("backward_cost")), c.stat("forward BOPs", t.get("bops")),
-             c.stat("epochs", f"{t.get('epochs_completed') or 0} / {t.get('max_epochs') or '?'}"),
-             c.stat("ended", t.get("detail") or "–"), c.stat("started", c.fmt(t.get("started_at"))),
-             c.stat("finished", c.fmt(t.get("finished_at"))), c.stat("retries", t.get("retries") or 0),
-             c.stat("ran on", _where(t.get("placement")))]
+    stats = [c.stat(f"{o.short} {o.arrow}".strip(), v) for o, v in view.values()]
+    stats += [c.stat("epochs", f"{t.epochs_completed or 0} / {t.max_epochs or '?'}"),
+              c.stat("ended", t.detail or "–"), c.stat("started", c.fmt(t.started_at)),
+              c.stat("finished", c.fmt(t.finished_at)), c.stat("retries", t.retries or 0),
+              c.stat("ran on", _where(t.placement))]
     out: list[Any] = [
-        html.Div([html.H2(f"Trial #{t['number']}"), c.badge(t["state"]), *tags,
+        html.Div([html.H2(f"Trial #{t.number}"), c.badge(t.state), *tags,
                   c.live_note(running, REFRESH_MS)], className="page-title"),
         html.Div(stats, className="stats")]
-    if t.get("error"):
-        out.append(html.Pre(t["error"], className="error-box"))
+    if t.error:
+        out.append(html.Pre(t.error, className="error-box"))
     return out
 
 
@@ -55,7 +53,7 @@ def _where(placement: dict[str, Any] | None) -> str:
 
 def _config_text(view: data.TrialView) -> str:
     t = view.trial
-    doc = {"params": t.get("params"), "config": t.get("config")}
+    doc = {"params": t.params, "config": t.config}
     return json.dumps(doc, indent=2, sort_keys=False, default=str)
 
 
@@ -67,7 +65,6 @@ def _parts(view: data.TrialView) -> tuple[Any, ...]:
 def layout(src: Source, name: str, number: int) -> html.Div:
     view = data.trial_view(src, name, number)
     head, bits, frozen, curves, config = _parts(view)
-    complete = view.trial["state"] == "COMPLETE"
     return html.Div([
         c.breadcrumbs(("Studies", "/"), (name, c.study_href(name)), (f"trial #{number}", None)),
         dcc.Store(id="trial-key", data={"study": name, "number": number}),
@@ -76,10 +73,9 @@ def layout(src: Source, name: str, number: int) -> html.Div:
                   c.card(None, c.graph("layer-frozen", frozen))], className="grid-2"),
         c.card(None, c.graph("epoch-curves", curves)),
         c.card("Configuration", html.Div([
-            html.Button("Download export JSON", id="export-button", className="button",
-                        disabled=not complete,
-                        title="qsearch export of this trial (config, per-layer precision, "
-                              "objectives)" if complete else "only COMPLETE trials export"),
+            html.Button("Download trial JSON", id="export-button", className="button",
+                        title="this trial as stored: values, params, config, per-layer "
+                              "precision (qsearch export writes the weights)"),
             html.Span(id="export-message", className="muted small")], className="card-tools"),
             dcc.Download(id="export-download"),
             html.Pre(config, id="trial-config", className="config")),
@@ -89,17 +85,10 @@ def layout(src: Source, name: str, number: int) -> html.Div:
 
 
 def export_json(src: Source, name: str, number: int) -> tuple[str, str]:
-    """(file name, JSON text) of the trial's export document. The export module copies the
-    weights beside the JSON; that copy goes to a temporary folder and is discarded."""
-    from qsearch.export import export_trial
-
-    with tempfile.TemporaryDirectory(prefix="qsearch-dash-export-") as tmp:
-        out = Path(tmp) / f"{name}-trial-{number}.json"
-        doc = export_trial(src.store, name, number, out)
-    doc["provenance"]["storage"] = src.masked_url  # the user's URL, not the read-only one
-    doc["weights"]["note"] = ("weights are not part of this download; run `qsearch export` to "
-                              "write them beside the JSON")
-    return out.name, json.dumps(doc, indent=2)
+    """(file name, JSON text) of the trial's record, read from the store (nothing written:
+    the weights and the deployable export are ``qsearch export``'s job)."""
+    doc = data.trial_record(src, name, number)
+    return f"{name}-trial-{number}.json", json.dumps(doc, indent=2, default=str)
 
 
 def register(app: Dash, source: Callable[[], Source]) -> None:

@@ -68,14 +68,19 @@ def _reader(url: str | None) -> Any:
     """A read-only handle for the commands that only read (no writes, no schema creation; a
     missing SQLite file is an error); one retry, so a wrong URL fails fast."""
     from qsearch.config import defaults
+    from qsearch.config.urls import check_storage_url, probe_database
     from qsearch.store import Database
 
-    return Database(defaults.storage_url(url), retries=1, must_exist=True)
+    url = defaults.storage_url(url)
+    check_storage_url(url, "--storage", create=False)  # postgres://, no driver: the fix
+    probe_database(url, "--storage")  # a database that does not exist: not retried
+    return Database(url, retries=1, must_exist=True)
 
 
 def _legend(infos: list[Any]) -> str:
     """``accuracy ↑ accuracy (top-1, measured); ...``: the registry's words for the columns."""
-    return "; ".join(f"{i.name} {i.arrow} {i.axis_title}".replace("  ", " ") for i in infos)
+    return "; ".join(f"{i.name} {i.arrow} {i.axis_title}".replace("  ", " ")
+                     for i in infos if i.registered)
 
 
 @app.command()
@@ -94,16 +99,13 @@ def studies(storage: StorageOpt = None,
     running = any(r.lease_host for r in rows)  # the driver column only while one runs
     t = _table(f"studies in {db.masked_url}",
                ("name", "status", "trials", "done/pruned/fail/run",
-                *(("driver",) if running else ()), "objectives", "created"),
-               wrap=("driver", "objectives"))
-    for r in rows:
+                *(("driver",) if running else ()), "created"), wrap=("driver",))
+    for r in rows:  # objectives: see --json (names, labels, units, directions)
         c = r.trials
         driver = f"{r.lease_host}:{r.lease_pid}" if r.lease_host else ""
-        objs = " ".join(f"{o}{objective_info(o, d).arrow}"
-                        for o, d in zip(r.objectives, r.directions))
         t.add_row(r.name, r.status, str(r.n_trials),
                   "/".join(str(c[s]) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")),
-                  *((driver,) if running else ()), objs, str(r.created_at)[:16])
+                  *((driver,) if running else ()), str(r.created_at)[:16])
     console.print(t)
 
 
@@ -191,15 +193,13 @@ def pareto(
             f" (snapshot {snap.snapshot}, hypervolume {format_value(snap.hypervolume)})"
             if snap else ""))
         t.add_column("trial", justify="right")
-        for i in infos + more:
-            t.add_column(f"{i.short} {i.arrow}".strip(), justify="right")
+        for i in infos + more:  # names as headers; the legend below gives labels and units
+            t.add_column(f"{i.name}{i.arrow}", justify="right", no_wrap=True)
         t.add_column("knee")
-        t.add_column("params", overflow="fold")
         for p in points:
             t.add_row(str(p.trial_number), *(format_value(p.value(o)) for o in objs),
                       *(format_value(p.reported.get(k)) for k in reported),
-                      "knee" if p.is_knee else "",
-                      ", ".join(f"{k}={format_value(v)}" for k, v in p.params.items()))
+                      "knee" if p.is_knee else "")
         console.print(t)
         console.print(_legend(infos + more), highlight=False, soft_wrap=True)
 

@@ -1,11 +1,13 @@
-"""Helpers for the dashboard's tests and benchmark (like ``dash.testing``, but small).
+"""Helpers for the dashboard's tests and benchmark (like ``dash.testing``, but small); test
+code, not shipped in the wheel. No SQL here: synthetic data goes in through the store's API.
 
 * :func:`serve_in_thread` runs an app on a free localhost port in a background thread.
 * :func:`tiny_spec` / :func:`launch_command` describe a real, tiny study (digits/tiny-cnn,
   2 epochs) that ``qsearch launch`` runs in a subprocess — the dashboard can poll it while
   the driver writes.
 * :func:`write_synthetic_study` fills a database with N synthetic trials through Optuna's API
-  and qsearch's tables, for measuring page load on a large study without training.
+  and :meth:`qsearch.store.Store.import_trials`, for measuring page load on a large study
+  without training.
 """
 
 from __future__ import annotations
@@ -118,8 +120,9 @@ def _fast_sqlite(dbapi_conn: Any, _record: Any) -> None:
 def write_synthetic_study(url: str, name: str, n_trials: int, seed: int = 0,
                           epochs: int = 3) -> None:
     """A finished study of ``n_trials`` synthetic trials (about 5% pruned, 2% failed): Optuna
-    trials via ``study.add_trials``, qsearch rows (trials, epochs, layers, one Pareto
-    snapshot per COMPLETE trial, as the driver writes them) in bulk inserts."""
+    trials via ``study.add_trials``; qsearch's rows (trials with their values by name, epochs,
+    layers, one Pareto snapshot per COMPLETE trial, as the driver writes them) through
+    :meth:`~qsearch.store.Store.import_trials`, in one transaction."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.trial import TrialState, create_trial
@@ -127,7 +130,6 @@ def write_synthetic_study(url: str, name: str, n_trials: int, seed: int = 0,
     from qsearch.search.front import compute_front
     from qsearch.search.pareto import default_reference
     from qsearch.store import Store, utcnow
-    from qsearch.store import schema as s
 
     objectives = ["accuracy", "size_mb", "backward_cost"]
     directions = ["maximize", "minimize", "minimize"]
@@ -151,8 +153,9 @@ def write_synthetic_study(url: str, name: str, n_trials: int, seed: int = 0,
         search_hash="synthetic", objectives=objectives, directions=directions,
         artifacts_dir="/nonexistent")
     t0 = utcnow() - timedelta(hours=n_trials / 60)
-    frozen_trials, trial_rows, epoch_rows, layer_rows = [], [], [], []
-    snap_rows, point_rows, complete, front_rows = [], [], [], []
+    frozen_trials, trials, snapshots = [], [], []
+    complete: list[dict[str, Any]] = []
+    front_rows: list[dict[str, Any]] = []
     for n in range(n_trials):
         tr = _synthetic_trial(rng, n)
         roll = rng.random()
@@ -160,32 +163,27 @@ def write_synthetic_study(url: str, name: str, n_trials: int, seed: int = 0,
         done = state == "COMPLETE"
         n_epochs = epochs if done else 1
         start, end = t0 + timedelta(minutes=n), t0 + timedelta(minutes=n, seconds=50)
-        values = [tr[o] for o in objectives]
         frozen_trials.append(create_trial(
             state=getattr(TrialState, state), params=tr["params"], distributions=dists,
-            values=values if done else None, user_attrs={"qsearch_counted": True}))
-        trial_rows.append({"study_id": rec.id, "number": n, "optuna_trial_id": None,
-                           "state": state, "detail": {"COMPLETE": "finished", "PRUNED":
-                                                      "pruned by asha", "FAIL": "synthetic"}[state],
-                           "counted": True, "params": tr["params"], "config": tr["config"],
-                           "epochs_completed": n_epochs, "max_epochs": epochs,
-                           "error": "synthetic failure" if state == "FAIL" else None,
-                           "started_at": start, "finished_at": end,
-                           **{k: tr[k] if done else None
-                              for k in ("accuracy", "size_mb", "backward_cost", "bops")}})
+            values=[tr[o] for o in objectives] if done else None,
+            user_attrs={"qsearch_counted": True}))
+        epoch_reports = []
         for e in range(1, n_epochs + 1):
             f = e / epochs
-            m = {"epoch": e, "accuracy": tr["accuracy"] - 0.05 * (1 - f),
-                 "train_loss": 0.4 - 0.25 * f, "test_loss": 0.42 - 0.24 * f,
-                 "size_mb": tr["size_mb"], "backward_cost": tr["backward_cost"],
-                 "lts.frozen_fraction": tr["frozen"] * f}
-            epoch_rows.append({"study_id": rec.id, "trial_number": n, "epoch": e,
-                               "metrics": m, "created_at": start,
-                               **{k: m[k] for k in ("accuracy", "train_loss", "test_loss",
-                                                    "size_mb", "backward_cost")}})
+            epoch_reports.append({"epoch": e, "accuracy": tr["accuracy"] - 0.05 * (1 - f),
+                                  "train_loss": 0.4 - 0.25 * f, "test_loss": 0.42 - 0.24 * f,
+                                  "size_mb": tr["size_mb"], "backward_cost": tr["backward_cost"],
+                                  "lts.frozen_fraction": tr["frozen"] * f})
+        trials.append({
+            "number": n, "state": state, "counted": True, "params": tr["params"],
+            "config": tr["config"], "epochs_completed": n_epochs, "max_epochs": epochs,
+            "detail": {"COMPLETE": "finished", "PRUNED": "pruned by asha",
+                       "FAIL": "synthetic"}[state],
+            "error": "synthetic failure" if state == "FAIL" else None,
+            "started_at": start, "finished_at": end, "epochs": epoch_reports,
+            "values": {k: tr[k] for k in (*objectives, "bops")} if done else None,
+            "layers": tr["layers"] if done else []})
         if done:
-            layer_rows += [{"study_id": rec.id, "trial_number": n, "idx": i, **lay}
-                           for i, lay in enumerate(tr["layers"])]
             complete.append({"number": n, **{o: tr[o] for o in objectives}})
             # The front of all COMPLETE trials is the front of (previous front + new trial),
             # against the reference point of all values: same result as the driver's
@@ -194,21 +192,14 @@ def write_synthetic_study(url: str, name: str, n_trials: int, seed: int = 0,
                                     directions)
             front = compute_front(front_rows + [complete[-1]], objectives, directions,
                                   dict(zip(objectives, ref)))
-            front_rows = [r for r in complete[-1:] + front_rows
-                          if r["number"] in {p["trial_number"] for p in front["points"]}]
-            front["n_complete"] = len(complete)
-            snap = len(snap_rows) + 1
-            snap_rows.append({"study_id": rec.id, "snapshot": snap, "trigger_trial": n,
-                              "n_complete": front["n_complete"], "hypervolume": front["hypervolume"],
-                              "reference_point": front["reference_point"], "created_at": end})
-            point_rows += [{"study_id": rec.id, "snapshot": snap, **p} for p in front["points"]]
+            on_front = {p["trial_number"] for p in front["points"]}
+            front_rows = [r for r in complete[-1:] + front_rows if r["number"] in on_front]
+            snapshots.append({"trigger_trial": n, "n_complete": len(complete),
+                              "hypervolume": front["hypervolume"],
+                              "reference_point": front["reference_point"], "created_at": end,
+                              "points": front["points"]})
     study.add_trials(frozen_trials)
-    with store.tx("write synthetic study") as conn:
-        for table, rows in ((s.trials, trial_rows), (s.epoch_metrics, epoch_rows),
-                            (s.layers, layer_rows), (s.pareto_snapshots, snap_rows),
-                            (s.pareto_points, point_rows)):
-            if rows:
-                conn.execute(table.insert(), rows)
+    store.import_trials(rec.id, trials, snapshots)
     store.set_status(rec.id, "finished", finished=True)
     store.dispose()
 
