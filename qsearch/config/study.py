@@ -70,15 +70,40 @@ class SamplerSpec(StrictModel):
 
 
 class SchedulerSpec(StrictModel):
-    """``none`` runs every trial to the end; ``asha`` stops weak trials at rungs (PRUNED).
+    """``none`` runs every trial to the end; ``asha`` stops weak trials at rungs (PRUNED) on
+    ``metric`` alone; ``pareto`` uses ASHA's rungs but stops a trial only when, at its rung, it
+    is dominated on all the study's objectives (sizes and modelled costs are known from the
+    config, accuracy and executed costs are read at the rung), so a small, cheap model that is
+    a little less accurate keeps running.
 
     ``metric`` is the per-epoch figure ASHA compares: ``val_accuracy`` (``accuracy`` is its
     per-epoch alias, kept for specs written before validation splits)."""
 
-    type: Literal["none", "asha"] = "none"
+    type: Literal["none", "asha", "pareto"] = "none"
     metric: Literal["val_accuracy", "accuracy"] = "val_accuracy"
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
+
+
+class Bound(StrictModel):
+    """A feasibility bound on one objective: ``max`` and/or ``min``."""
+
+    max: float | None = None
+    min: float | None = None
+
+    @model_validator(mode="after")
+    def _one_side(self) -> Bound:
+        if self.max is None and self.min is None:
+            raise ValueError("give max, min or both")
+        if self.max is not None and self.min is not None and self.min > self.max:
+            raise ValueError(f"empty range: min ({self.min}) > max ({self.max})")
+        return self
+
+    def violation(self, value: float) -> float:
+        """Optuna's constraint value: <= 0 when feasible, the distance outside otherwise."""
+        over = value - self.max if self.max is not None else -float("inf")
+        under = self.min - value if self.min is not None else -float("inf")
+        return float(max(over, under))
 
 
 class ArtifactsSpec(StrictModel):
@@ -136,6 +161,13 @@ class StudySpec(StrictModel):
     reference_point: dict[str, float] = Field(default_factory=dict)
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    #: Feasibility bounds per objective name (``size_mb: {max: 0.02}``): told to the sampler
+    #: through Optuna's constraint API; infeasible trials are stored as such and never on the
+    #: front. A bound on a value known from the config alone skips training the trial.
+    constraints: dict[str, Bound] = Field(default_factory=dict)
+    #: Train each config with this many seeds (``seed``, ``seed+1``, ...); the study
+    #: optimizes the mean and stores every seed's values and the spread.
+    repeats: int = Field(1, ge=1, le=10)
 
     @model_validator(mode="before")
     @classmethod
@@ -173,12 +205,26 @@ class StudySpec(StrictModel):
             notice = objective_registry.deprecation_notice(name)
             if notice:
                 warnings.warn(notice, FutureWarning, stacklevel=2)
-        v = [objective_registry.resolve_name(n) for n in v]
+        # Names stay as written (an old name keeps matching the values a store holds under
+        # it); the registry resolves them wherever a value is read.
         if len(v) < 2:
             raise ValueError(f"give at least two of {', '.join(known)}")
-        if len(set(v)) != len(v):
+        if len({objective_registry.resolve_name(n) for n in v}) != len(v):
             raise ValueError("objectives must be distinct")
         return v
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraint_names(cls, v: dict[str, Bound]) -> dict[str, Bound]:
+        out = {}
+        for name, bound in v.items():
+            try:
+                obj = objective_registry.get_objective(name)
+            except KeyError:
+                raise ValueError(f"unknown objective {name!r}; choose from "
+                                 f"{', '.join(objective_registry.objective_names())}") from None
+            out[obj.name] = bound
+        return out
 
     @field_validator("reference_point")
     @classmethod
@@ -186,7 +232,8 @@ class StudySpec(StrictModel):
         out = {}
         for name, value in v.items():
             try:
-                out[objective_registry.get_objective(name).name] = value
+                objective_registry.get_objective(name)
+                out[name] = value
             except KeyError:
                 raise ValueError(f"unknown objective {name!r}; choose from "
                                  f"{', '.join(objective_registry.objective_names())}") from None
@@ -222,8 +269,11 @@ class StudySpec(StrictModel):
                 f"nothing to search: it only fixes {fixed}" if fixed else
                 "nothing to search: the search space is missing or empty") + "; add at least "
                 "one searched dimension, e.g. w_bits: {type: categorical, choices: [2, 4, 8]}")
-        if self.scheduler.type == "asha":
+        if self.scheduler.type != "none":
             check_asha(self.scheduler.grace_period, self.max_epochs())
+            if self.repeats > 1:
+                raise ConfigError("repeats", "repeats > 1 needs scheduler.type: none (a rung "
+                                  "decision would see only the first seed)")
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -264,17 +314,33 @@ class StudySpec(StrictModel):
             return self.base_config().epochs
         return int(max(v for v in dist.boundary_values()))
 
+    def _hashed(self, exclude: set[str]) -> str:
+        data = self.model_dump(mode="json", exclude=exclude)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def explicit_paths(self) -> set[str]:
+        """Dotted paths of the values the spec's author set (not left at their defaults):
+        leaf fields, and mapping-valued fields (``base``, ``search_space``) as a whole."""
+        out: set[str] = set()
+
+        def walk(model: StrictModel, prefix: str) -> None:
+            for name in model.model_fields_set:
+                value = getattr(model, name)
+                if isinstance(value, StrictModel):
+                    walk(value, f"{prefix}{name}.")
+                else:
+                    out.add(f"{prefix}{name}")
+
+        walk(self, "")
+        return out
+
     def spec_hash(self) -> str:
         """Content hash of everything that defines the study (not where it is stored)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"storage"}), sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return self._hashed({"storage"})
 
     def search_hash(self) -> str:
         """Hash of what makes trials comparable; budget/resources may change on resume."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"storage", "budget", "resources",
-                                                                "artifacts", "failure"}),
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return self._hashed({"storage", "budget", "resources", "artifacts", "failure"})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

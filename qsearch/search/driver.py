@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import TrialState
 from ray.tune import Stopper
 from sqlalchemy.engine import make_url
@@ -194,17 +195,59 @@ class LeaseStopper(Stopper):
         return {"heartbeat": None}  # Tune pickles its config; the thread stays here
 
 
-def _open_study(spec: StudySpec, store: Store) -> tuple[StudyRecord, bool]:
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): data}
+
+
+#: What may change when a study resumes (the rest defines which trials are comparable).
+RESUMABLE_FIELDS = {"storage", "budget", "resources", "artifacts", "failure"}
+
+
+def resume_spec(spec: StudySpec, stored_yaml: str) -> StudySpec:
+    """The spec a relaunch of an existing study runs with.
+
+    A study stored by an older qsearch may hash differently although the user changed
+    nothing (a field added since, a default renamed). Then the stored spec is parsed with
+    this qsearch: where the relaunched spec differs from it only in fields its author did not
+    set, the stored search settings win (with a notice); a difference in a field the author
+    set is a real change of the search and an error."""
+    from qsearch.config import parse_study_spec
+
+    try:
+        stored = parse_study_spec(yaml.safe_load(stored_yaml))
+    except Exception as e:  # noqa: BLE001 - an unreadable stored spec is a changed search
+        raise ConfigError("spec", f"study {spec.name!r} exists, but its stored spec no longer "
+                          f"parses ({e}); launch it under a new --name") from None
+    if stored.search_hash() == spec.search_hash():
+        return spec
+    new = _flat(spec.model_dump(mode="json", exclude=RESUMABLE_FIELDS))
+    old = _flat(stored.model_dump(mode="json", exclude=RESUMABLE_FIELDS))
+    changed = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+    explicit = spec.explicit_paths()
+    mine = [k for k in changed if any(k == p or k.startswith(p + ".") for p in explicit)]
+    if mine:
+        raise ConfigError("spec", f"study {spec.name!r} already exists with a different search "
+                          f"({', '.join(mine[:4])}{' ...' if len(mine) > 4 else ''} changed); "
+                          "launch it under a new --name")
+    log.warning("study %s: resuming with its stored settings for %s (defaults of this qsearch "
+                "differ)", spec.name, ", ".join(changed))
+    return stored.model_copy(update={k: getattr(spec, k) for k in RESUMABLE_FIELDS})
+
+
+def _open_study(spec: StudySpec, store: Store) -> tuple[StudyRecord, StudySpec]:
     art = artifacts_dir(spec)
     rec, created = store.create_or_get_study(
         spec.name, spec_yaml=spec.to_yaml(), spec_hash=spec.spec_hash(),
         search_hash=spec.search_hash(), objectives=list(spec.objectives),
         directions=list(spec.directions), artifacts_dir=str(art))
     if not created and rec.search_hash != spec.search_hash():
-        raise ConfigError("spec", f"study {spec.name!r} already exists with a different search "
-                          "(objectives, space, sampler, scheduler or base config changed); "
-                          "launch it under a new --name")
-    return rec, created
+        spec = resume_spec(spec, rec.spec_yaml)
+    return rec, spec
 
 
 # --------------------------------------------------------------------------- launch
@@ -224,7 +267,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     _check_storage_url(spec)
 
     store = Store(spec.storage, retries=1)  # a wrong or unreachable URL fails fast...
-    rec, _ = _open_study(spec, store)
+    rec, spec = _open_study(spec, store)
     token = store.acquire_lease(rec.id)
     store.retries = DB_RETRIES  # ...while a running study rides out connection drops
     if rec.spec_hash != spec.spec_hash():  # budget/resources changed: keep the newest spec
