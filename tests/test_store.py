@@ -440,8 +440,8 @@ def test_v2_store_is_read_upgraded_resumed_and_exported(db_url, tmp_path, capsys
     capsys.readouterr()
     assert main(["pareto", v2.STUDY, "--storage", db_url, "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("trial_number,accuracy,size_mb,backward_cost,")
-    assert lines[0].endswith(",is_knee,params") and len(lines) == 3
+    assert lines[0].startswith("trial_number,accuracy,size_mb,backward_cost,is_knee,")
+    assert lines[0].endswith(",params") and len(lines) == 3
     assert main(["status", v2.STUDY, "--storage", db_url]) == 0
     out = capsys.readouterr().out
     assert "accuracy↑" in out and get_objective("size_mb").axis_title in out

@@ -111,22 +111,17 @@ def studies(storage: StorageOpt = None,
 
 @app.command()
 def status(study: Annotated[str, typer.Argument(help="study name")], storage: StorageOpt = None) -> None:
-    """Trials of one study with their state and values (objectives first, then the values
-    they report without optimizing, such as test accuracy)."""
-    from qsearch.config.objectives import objective_names, resolve_name
-    from qsearch.store import objective_info, queries
+    """Trials of one study with their state and objective values."""
+    from qsearch.store import queries
 
     db = _reader(storage)
     rec = queries.require_study(db, study)
     snap, front = queries.pareto_front(db, study)
     on_front = {p.trial_number for p in front}
     rows = queries.trials(db, study)
+    # The objectives only: an 80-column pipe has no room for more (``qsearch pareto
+    # --format json|csv`` and the dashboard show the values trials report besides).
     infos = rec.objective_infos()
-    objs = {resolve_name(o) for o in rec.objectives}
-    reported = queries.order_names(k for r in rows for k in r.values
-                                   if resolve_name(k) not in objs
-                                   and resolve_name(k) in objective_names())
-    infos += [objective_info(k) for k in reported]
     retried = any(r.retries for r in rows)  # the column only when it says something
     t = _table(f"study {study} ({rec.status}); * = on the Pareto front",
                ("#", "state", "epochs", *(("retries",) if retried else ()),
@@ -178,7 +173,8 @@ def pareto(
                         "is_knee": p.is_knee, "params": p.params, "reported": p.reported}
                        for p in points]}, indent=2, default=str))
     elif fmt == "csv":
-        cols = ["trial_number", *objs, *reported, "is_knee", "params"]
+        # objectives and is_knee first, as before reported values and params were added
+        cols = ["trial_number", *objs, "is_knee", *reported, "params"]
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=cols)
         w.writeheader()
