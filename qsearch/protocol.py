@@ -59,6 +59,9 @@ ATTR_ERROR = "error"
 ATTR_PRUNED_AT = "pruned_at_epoch"
 ATTR_PLACEMENTS = "placements"
 ATTR_RETRIES = "qsearch_retries"
+ATTR_REUSED_FROM = "qsearch_reused_from"
+ATTR_FEASIBLE = "qsearch_feasible"
+ATTR_CONFIG_KEY = "qsearch_config_key"
 
 Scalar = float | int | str | bool | None
 
@@ -164,6 +167,14 @@ class ErrorReport:
         out: dict[str, Any] = {k: math.nan for k in objective_keys}
         out.update({ERROR: self.message, EPOCHS_COMPLETED: self.epochs_completed})
         return out
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """Identity of a finished TrialConfig: two trials with the same key train the same thing
+    (defaults filled in, so ``{}`` and ``{"w_bits": 4}`` are one config)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def trainer_metrics(result: dict[str, Any], tune_keys: frozenset[str]) -> dict[str, Scalar]:

@@ -145,6 +145,20 @@ class StoreCallback(Callback):
         self.on_event("end", number, {"state": outcome.state.name, **outcome.values,
                                       "epoch": outcome.epochs_completed, "error": outcome.error})
 
+    def record_outside_tune(self, number: int, outcome: Outcome, params: dict[str, Any],
+                            config: dict[str, Any] | None) -> None:
+        """A trial the searcher ended before Tune saw it (infeasible before training, or a
+        repeat of a finished config whose result is reused): one row, already finished."""
+        self.store.trial_started(self.study_id, number, optuna_trial_id=None, params=params,
+                                 config=config, max_epochs=self.max_epochs)
+        done = outcome.state == TrialState.COMPLETE
+        self.store.trial_finished(
+            self.study_id, number, state=outcome.state.name, detail=outcome.detail,
+            counted=outcome.counted, values=dict(outcome.values) if done else None,
+            epochs_completed=0, error=outcome.error)
+        self.on_event("end", number, {"state": outcome.state.name, **outcome.values,
+                                      "epoch": 0, "error": outcome.error or outcome.detail})
+
     # -------------------------------------------------------------- Tune hooks
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """Tune's loop step, outside any trial: a recording failure stops the study here

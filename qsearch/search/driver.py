@@ -260,6 +260,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
 
     from qsearch.search.callback import StoreCallback
     from qsearch.search.display import LiveDisplay
+    from qsearch.search.known import known_values
     from qsearch.search.searcher import StudySearcher
     from qsearch.search.trainable import run_trial
 
@@ -299,10 +300,12 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         sampler = build_sampler(spec, seed_offset=n_before)
         # The same study, loaded with the spec's sampler (seeded past the trials it holds).
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
-        searcher = StudySearcher(with_absolute_cache(spec), study, storage, optuna_space(spec))
+        searcher = StudySearcher(with_absolute_cache(spec), study, storage, optuna_space(spec),
+                                 budget=remaining, known=known_values)
         view = LiveDisplay(spec.name, spec.budget.num_trials, done, console=console,
                            enabled=display)
         callback = StoreCallback(store, rec.id, spec, searcher, on_event=view.event)
+        searcher.record = _deferred(callback)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, study=spec.name, cpus=spec.resources.cpu,
                                  artifacts_dir=str(artifacts_dir(spec)),
@@ -344,6 +347,23 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         except StorageError as e:  # pragma: no cover - the lease goes stale on its own
             log.warning("could not release the driver lease: %s", e)
         store.dispose()
+
+
+def _deferred(callback: Any) -> Any:
+    """The searcher's recorder: writes through the callback, keeping a store failure for
+    ``on_step_begin`` like every other trial event (raised inside ``suggest``, Tune would
+    end the experiment with a traceback)."""
+
+    def record(*args: Any) -> None:
+        if callback.failure is not None:
+            return
+        try:
+            callback.record_outside_tune(*args)
+        except Exception as e:  # noqa: BLE001 - re-raised by on_step_begin
+            log.error("recording a trial event failed; stopping the study: %s", e)
+            callback.failure = e
+
+    return record
 
 
 def _close_open_trials(searcher: Any, store: Store, study_id: int) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,10 +52,19 @@ class Outcome:
     values: dict[str, float] = field(default_factory=dict)
     epochs_completed: int = 0
     error: str | None = None
+    #: False when a constraint is violated: stored, told to the sampler, never on the front.
+    feasible: bool = True
+    #: The earlier trial whose result this one reuses (same config; not trained again).
+    reused_from: int | None = None
+    #: Optuna constraint values (<= 0 feasible), by constraint name.
+    constraints: dict[str, float] = field(default_factory=dict)
 
     def user_attrs(self) -> dict[str, Any]:
         attrs: dict[str, Any] = {P.ATTR_DETAIL: self.detail, P.ATTR_COUNTED: self.counted,
-                                 P.ATTR_EPOCHS_COMPLETED: self.epochs_completed}
+                                 P.ATTR_EPOCHS_COMPLETED: self.epochs_completed,
+                                 P.ATTR_FEASIBLE: self.feasible}
+        if self.reused_from is not None:
+            attrs[P.ATTR_REUSED_FROM] = self.reused_from
         if self.error is not None:
             attrs[P.ATTR_ERROR] = self.error
         if self.state == TrialState.PRUNED:
@@ -88,17 +98,38 @@ def classify(result: dict[str, Any] | None, objectives: list[str]) -> Outcome:
                    error="interrupted before it finished (driver stopped)")
 
 
+#: Consecutive configs skipped before training (infeasible or duplicate) after which the
+#: searcher gives up: the constraints leave (almost) nothing of the space.
+MAX_SKIPPED_IN_A_ROW = 200
+
+#: Called for trials the searcher ends itself, without Tune (skipped, reused):
+#: ``(number, outcome, params, config)``.
+Recorder = Callable[[int, "Outcome", dict[str, Any], dict[str, Any] | None], None]
+
+
 class StudySearcher(Searcher):
     """Ray Tune searcher over an Optuna study's ask/tell (see the module docstring).
 
     Tune calls :meth:`suggest` for each new trial and :meth:`on_trial_complete` once it ends;
     errors (a dead worker past its retries) are told by :meth:`fail`, which the driver's
     callback calls with Ray's error message.
+
+    Before a config goes to Tune, two checks spare a training run:
+
+    * a config identical to one already COMPLETE is not trained again: the new Optuna trial
+      is told the earlier trial's values, recorded as reused (``reused_from``), and counts
+      toward the budget (the budget is a number of sampler proposals);
+    * a constraint on a value the config alone fixes (``size_mb``) is checked by ``known``;
+      an infeasible config is told FAIL with its constraint values, recorded as skipped, and
+      does not count.
     """
 
     def __init__(self, spec: StudySpec, study: optuna.Study,
                  storage: optuna.storages.BaseStorage,
-                 space: dict[str, optuna.distributions.BaseDistribution]):
+                 space: dict[str, optuna.distributions.BaseDistribution], *,
+                 budget: int | None = None,
+                 known: Callable[[Any], dict[str, float]] | None = None,
+                 record: Recorder | None = None):
         super().__init__(metric=None, mode=None)
         self.spec = spec
         self.study = study
@@ -106,10 +137,23 @@ class StudySearcher(Searcher):
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self.space = space
         self.objectives = list(spec.objectives)
+        self.budget = budget
+        self.known = known
+        self.record = record or (lambda *_: None)
         self.outcomes: dict[str, Outcome] = {}
         self.numbers: dict[str, int] = {}
+        self.proposed = 0  # configs handed to Tune or reused, toward ``budget``
+        self.reused = 0
+        self.skipped = 0
         self._trials: dict[str, optuna.Trial] = {}
         self._told: set[str] = set()
+        self._keys: dict[str, str] = {}  # Tune trial id -> config key
+        self._complete: dict[str, tuple[int, dict[str, float], dict[str, float]]] = {}
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            key = t.user_attrs.get(P.ATTR_CONFIG_KEY)
+            if key and t.values is not None and t.user_attrs.get(P.ATTR_REUSED_FROM) is None:
+                self._complete.setdefault(key, (t.number, dict(zip(self.objectives, t.values)),
+                                                {}))
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec: Any) -> bool:
@@ -117,18 +161,74 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        ot = self.study.ask(self.space)
+        for _ in range(MAX_SKIPPED_IN_A_ROW):
+            if self.budget is not None and self.proposed >= self.budget:
+                return Searcher.FINISHED
+            ot = self.study.ask(self.space)
+            params = dict(ot.params)
+            try:
+                cfg = self.spec.trial_config(params)
+            except QsearchError as e:  # the worker reports it as the trial's error
+                ot.set_user_attr(P.ATTR_CONFIG_ERROR, str(e))
+                return self._hand_to_tune(trial_id, ot, P.TrialAssignment(
+                    ot.number, params, None, config_error=str(e)))
+            config = cfg.model_dump(mode="json")
+            key = P.config_key(config)
+            ot.set_user_attr(P.ATTR_CONFIG, config)
+            ot.set_user_attr(P.ATTR_CONFIG_KEY, key)
+            if key in self._complete:
+                self._reuse(ot, params, config, *self._complete[key])
+                continue
+            violations = self._known_violations(cfg)
+            if any(v > 0 for v in violations.values()):
+                self._skip(ot, params, config, violations)
+                continue
+            self._keys[trial_id] = key
+            return self._hand_to_tune(trial_id, ot, P.TrialAssignment(ot.number, params, config))
+        raise QsearchError(f"{MAX_SKIPPED_IN_A_ROW} configs in a row were infeasible or already "
+                           "trained; loosen the constraints or widen the search space")
+
+    # ------------------------------------------------------------------ before training
+    def _hand_to_tune(self, trial_id: str, ot: optuna.Trial,
+                      job: P.TrialAssignment) -> dict[str, Any]:
         self._trials[trial_id] = ot
         self.numbers[trial_id] = ot.number
-        params = dict(ot.params)
-        try:
-            config = self.spec.trial_config(params).model_dump(mode="json")
-            ot.set_user_attr(P.ATTR_CONFIG, config)
-            return P.TrialAssignment(ot.number, params, config).to_tune()
-        except QsearchError as e:  # the worker reports it as the trial's error
-            ot.set_user_attr(P.ATTR_CONFIG_ERROR, str(e))
-            return P.TrialAssignment(ot.number, params, None, config_error=str(e)).to_tune()
+        self.proposed += 1
+        return job.to_tune()
 
+    def _known_violations(self, cfg: Any) -> dict[str, float]:
+        from qsearch.config.objectives import get_objective
+
+        wanted = {n: b for n, b in self.spec.constraints.items()
+                  if get_objective(n).known_before_training}
+        if not wanted or self.known is None:
+            return {}
+        values = self.known(cfg)
+        return {n: b.violation(values[get_objective(n).metric_key])
+                for n, b in wanted.items() if get_objective(n).metric_key in values}
+
+    def _skip(self, ot: optuna.Trial, params: dict[str, Any], config: dict[str, Any],
+              violations: dict[str, float]) -> None:
+        why = ", ".join(f"{n} over its bound by {v:.4g}" for n, v in violations.items() if v > 0)
+        outcome = Outcome(TrialState.FAIL, f"infeasible before training ({why}); not trained",
+                          counted=False, feasible=False, constraints=violations,
+                          error=f"infeasible: {why}")
+        self._finish(ot, outcome)
+        self.skipped += 1
+        self.record(ot.number, outcome, params, config)
+
+    def _reuse(self, ot: optuna.Trial, params: dict[str, Any], config: dict[str, Any],
+               source: int, values: dict[str, float], constraints: dict[str, float]) -> None:
+        feasible = all(v <= 0 for v in constraints.values())
+        outcome = Outcome(TrialState.COMPLETE, f"same config as trial {source}; result reused",
+                          counted=True, values=dict(values), reused_from=source,
+                          feasible=feasible, constraints=dict(constraints))
+        self._finish(ot, outcome)
+        self.proposed += 1
+        self.reused += 1
+        self.record(ot.number, outcome, params, config)
+
+    # ------------------------------------------------------------------ Tune's side
     def optuna_trial(self, trial_id: str) -> optuna.Trial | None:
         """The Optuna trial behind a Tune trial id (None for one this searcher did not ask)."""
         return self._trials.get(trial_id)
@@ -149,7 +249,29 @@ class StudySearcher(Searcher):
             return
         if error:
             return  # the callback calls fail() with the message
-        self._tell(trial_id, classify(result, self.objectives))
+        outcome = classify(result, self.objectives)
+        if outcome.state == TrialState.COMPLETE and self.spec.constraints:
+            outcome = self._with_constraints(outcome, result or {})
+        self._tell(trial_id, outcome)
+        key = self._keys.get(trial_id)
+        if outcome.state == TrialState.COMPLETE and key:
+            self._complete.setdefault(key, (self.numbers[trial_id], dict(outcome.values),
+                                            dict(outcome.constraints)))
+
+    def _with_constraints(self, outcome: Outcome, result: dict[str, Any]) -> Outcome:
+        from qsearch.config.objectives import get_objective
+
+        violations: dict[str, float] = {}
+        for name, bound in self.spec.constraints.items():
+            value = result.get(get_objective(name).metric_key)
+            if isinstance(value, (int, float)):
+                violations[name] = bound.violation(float(value))
+        bad = [f"{n} over its bound by {v:.4g}" for n, v in violations.items() if v > 0]
+        outcome.constraints = violations
+        if bad:
+            outcome.feasible = False
+            outcome.detail = f"finished; infeasible ({', '.join(bad)})"
+        return outcome
 
     def fail(self, trial_id: str, message: str, epochs_completed: int = 0,
              counted: bool = True, detail: str = "error") -> Outcome | None:
@@ -163,13 +285,17 @@ class StudySearcher(Searcher):
         """Tune trial ids that were suggested but not yet told to Optuna."""
         return [t for t in self._trials if t not in self._told]
 
-    def _tell(self, trial_id: str, outcome: Outcome) -> Outcome:
-        ot = self._trials[trial_id]
+    def _finish(self, ot: optuna.Trial, outcome: Outcome) -> None:
         for k, v in outcome.user_attrs().items():
             ot.set_user_attr(k, v)
+        for name, v in outcome.constraints.items():
+            ot.set_constraint(name, v)
         values = [outcome.values[o] for o in self.objectives] \
             if outcome.state == TrialState.COMPLETE else None
         self.study.tell(ot, values, state=outcome.state)
+
+    def _tell(self, trial_id: str, outcome: Outcome) -> Outcome:
+        self._finish(self._trials[trial_id], outcome)
         self._told.add(trial_id)
         self.outcomes[trial_id] = outcome
         return outcome

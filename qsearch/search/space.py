@@ -45,13 +45,21 @@ def build_sampler(spec: StudySpec, seed_offset: int = 0) -> optuna.samplers.Base
 
 
 def build_scheduler(spec: StudySpec) -> Any:
-    """FIFO (run everything to the end) or ASHA on accuracy over epochs."""
+    """FIFO (run everything to the end), ASHA on one metric, or Pareto rungs over epochs."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from qsearch.config.objectives import get_objective
+    from qsearch.search.pareto_rungs import ParetoRungScheduler
 
     sch = spec.scheduler
     if sch.type == "none":
         return FIFOScheduler()
     max_t = spec.max_epochs()
     check_asha(sch.grace_period, max_t)
-    return ASHAScheduler(time_attr="epoch", metric=sch.metric, mode="max", max_t=max_t,
-                         grace_period=sch.grace_period, reduction_factor=sch.reduction_factor)
+    if sch.type == "pareto":
+        return ParetoRungScheduler([get_objective(o).metric_key for o in spec.objectives],
+                                   list(spec.directions), sch.grace_period,
+                                   sch.reduction_factor, max_t)
+    return ASHAScheduler(time_attr="epoch", metric=get_objective(sch.metric).metric_key,
+                         mode="max", max_t=max_t, grace_period=sch.grace_period,
+                         reduction_factor=sch.reduction_factor)
