@@ -34,6 +34,22 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, never wrapped
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from qsearch import __version__
+
+        print(f"qsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print the version and exit"),
+) -> None:
+    pass
+
+
 def _register_commands() -> None:
     import importlib
     import pkgutil

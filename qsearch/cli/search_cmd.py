@@ -26,12 +26,15 @@ StorageOpt = Annotated[Optional[str], typer.Option(
 
 
 def _store(url: str | None, create: bool = False) -> Any:
-    from qsearch.store import Store
     from qsearch.config import DEFAULT_STORAGE
+    from qsearch.config.urls import check_storage_url, probe_database
+    from qsearch.store import Store
 
+    url = url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE
+    check_storage_url(url, "--storage", create=create)  # postgres://, no driver: the fix
+    probe_database(url, "--storage")  # a database that does not exist: not retried
     # One-shot commands: a wrong or unreachable URL should fail fast, not after back-offs.
-    return Store(url or os.environ.get("QSEARCH_STORAGE") or DEFAULT_STORAGE, create=create,
-                 retries=1)
+    return Store(url, create=create, retries=1)
 
 
 def _table(title: str, columns: tuple[str, ...], wrap: tuple[str, ...] = ()) -> Table:
@@ -49,14 +52,20 @@ def launch(
     storage: StorageOpt = None,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a private local Ray)")] = None,
     name: Annotated[Optional[str], typer.Option(help="study name (overrides the spec)")] = None,
-    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs for the local Ray (default: all)")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(
+        min=1, help="CPUs for the local Ray (default: all)")] = None,
     quiet: Annotated[bool, typer.Option(help="no live table; print one summary line")] = False,
 ) -> None:
     """Run or resume a study until its trial budget is used up."""
-    from qsearch.search import launch as run_launch
+    # The spec is checked in full before anything is written (no database, no folder): its
+    # fields, the storage URL, the per-layer rules against the model's layers, and what a
+    # trial asks for against this machine (a cluster's resources: once Ray is up).
     from qsearch.config import load_study_spec
+    from qsearch.search import launch as run_launch
+    from qsearch.search.preflight import check_launch
 
     study = load_study_spec(spec, storage=storage or os.environ.get("QSEARCH_STORAGE"), name=name)
+    check_launch(study, ray_address=ray_address, num_cpus=num_cpus)
     r = run_launch(study, ray_address=ray_address, num_cpus=num_cpus, display=not quiet,
                    console=console)
     console.print(f"study {r.study}: {r.status}; {r.counted} trials counted "
