@@ -96,3 +96,24 @@ def test_a_bound_on_a_measured_value_marks_the_trial_infeasible():
     out = s.outcomes["t0"]
     assert out.state == TrialState.COMPLETE and not out.feasible
     assert study.get_trials()[0].constraints == {"val_accuracy": pytest.approx(0.45)}
+
+
+def test_repeats_store_each_seed_and_the_spread():
+    from qsearch.search.trainable import repeat_summary
+
+    out = repeat_summary([{"val_accuracy": 0.9, "size_mb": 0.02, "model": "tiny-cnn"},
+                          {"val_accuracy": 0.7, "size_mb": 0.02, "model": "tiny-cnn"},
+                          {"val_accuracy": 0.8, "size_mb": 0.02, "model": "tiny-cnn"}],
+                         ["val_accuracy", "size_mb"])
+    assert out["val_accuracy"] == pytest.approx(0.8)  # the mean is what is optimized
+    assert [out[f"val_accuracy.seed{i}"] for i in range(3)] == [0.9, 0.7, 0.8]
+    assert out["val_accuracy.std"] == pytest.approx((0.02 / 3) ** 0.5)
+    assert out["size_mb.std"] == 0.0 and out["repeats"] == 3
+
+
+def test_repeats_need_a_study_without_rung_decisions():
+    from qsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        _spec(repeats=3, base={"epochs": 3}, scheduler={"type": "asha"})
+    assert e.value.field == "repeats"

@@ -309,7 +309,8 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, study=spec.name, cpus=spec.resources.cpu,
                                  artifacts_dir=str(artifacts_dir(spec)),
-                                 objective_keys=objective_keys(spec)),
+                                 objective_keys=objective_keys(spec),
+                                 repeats=spec.repeats),
             {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
 
         tuner = tune.Tuner(

@@ -48,13 +48,36 @@ def _restore_checkpoint(local_dir: Path) -> bool:
     if ckpt is None:
         return False
     with ckpt.as_directory() as d:
-        for f in Path(d).glob("ckpt-*.pt"):
-            shutil.copy2(f, local_dir / f.name)
+        for f in Path(d).rglob("ckpt-*.pt"):  # seed-<k>/ folders when repeats > 1
+            target = local_dir / f.relative_to(d)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
     return True
 
 
+def repeat_summary(finals: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """Mean of every numeric final metric over the seeds, and for each objective key its
+    spread (``<key>.std``, population standard deviation) and each seed's value
+    (``<key>.seed<k>``)."""
+    out: dict[str, Any] = dict(finals[0])
+    for k, v in finals[0].items():
+        vals = [f.get(k) for f in finals]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and \
+                all(isinstance(x, (int, float)) for x in vals):
+            out[k] = sum(vals) / len(vals)
+    for k in keys:
+        vals = [float(f[k]) for f in finals if isinstance(f.get(k), (int, float))]
+        if len(vals) == len(finals):
+            mean = sum(vals) / len(vals)
+            out[f"{k}.std"] = (sum((x - mean) ** 2 for x in vals) / len(vals)) ** 0.5
+            for i, x in enumerate(vals):
+                out[f"{k}.seed{i}"] = x
+    out["repeats"] = len(finals)
+    return out
+
+
 def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_dir: str,
-              objective_keys: list[str]) -> None:
+              objective_keys: list[str], repeats: int = 1) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``).
 
     ``assignment`` is Tune's trial config: a :class:`~qsearch.protocol.TrialAssignment` with
@@ -63,6 +86,11 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
     (``FailureConfig``). Errors of the trial itself are reported as a final
     :class:`~qsearch.protocol.ErrorReport` instead of raised: they would fail the same way
     again, so Tune must not spend retries on them.
+
+    With ``repeats > 1`` the config is trained with seeds ``seed .. seed+repeats-1`` one after
+    the other (epoch reports come from the first seed; the spec forbids a scheduler then); the
+    final report carries the mean over seeds, each seed's objective values and their spread,
+    and the first seed's weights.
     """
     import torch
     from ray import tune
@@ -107,8 +135,13 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
                                 resumed_from_epoch=resumed_from)
             tune.report(msg.to_tune(), checkpoint=tune.Checkpoint.from_directory(str(local)))
 
+        finals: list[dict[str, Any]] = []
         try:
             result = train(cfg, report=report, checkpoint_dir=local)
+            for k in range(1, repeats):
+                again = cfg.model_copy(update={"seed": cfg.seed + k})
+                other = train(again, checkpoint_dir=local / f"seed-{k}")
+                finals.append(P.scalar_metrics(other.metrics))
         except Exception as e:  # noqa: BLE001 - one clear line reaches the study
             return fail(f"{type(e).__name__}: {e}", epochs=last_epoch)
 
@@ -119,6 +152,8 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
                            "config": cfg.model_dump(mode="json")}, weights)
         final = {**P.scalar_metrics(held[-1] if held else result.metrics),
                  **P.scalar_metrics(result.metrics)}
+        if finals:
+            final = repeat_summary([final, *finals], objective_keys)
         tune.report(P.FinalReport(
             epoch=int(final.get(P.EPOCH, cfg.epochs) or cfg.epochs), metrics=final,
             placement=where,
