@@ -161,12 +161,21 @@ def evaluate_export(path: str | Path) -> dict[str, Any]:
 
     doc = load_export(path)
     model, cfg, data = rebuild_model(doc, path)
-    acc, _ = evaluate(model, data, torch.device("cpu"), cfg.batch_size)
+    # A trial's ``accuracy`` is the per-epoch alias of val_accuracy since validation splits
+    # exist (its config has data.val_fraction); before, it was measured on the test split.
+    # The test split itself is the same either way (the validation carve comes out of train).
+    split = "val" if "val_fraction" in (doc["config"].get("data") or {}) else "test"
+    cpu = torch.device("cpu")
+    acc, _ = evaluate(model, data, cpu, cfg.batch_size, split=split)
+    test_acc, _ = evaluate(model, data, cpu, cfg.batch_size, split="test")
     rows = layer_costs(model, data.input_shape)
     size = compute_cost(rows, extra_param_count(model, quant_layers(model))).size_mb
     stored = doc["objectives"]
-    return {"accuracy": acc, "size_mb": size, "stored_accuracy": stored.get("accuracy"),
-            "stored_size_mb": stored.get("size_mb"),
+    stored_test = stored.get("test_accuracy")
+    return {"accuracy": acc, "accuracy_split": split, "test_accuracy": test_acc,
+            "size_mb": size, "stored_accuracy": stored.get("accuracy"),
+            "stored_test_accuracy": stored_test, "stored_size_mb": stored.get("size_mb"),
             "match": bool(stored.get("accuracy") is not None
                           and abs(acc - stored["accuracy"]) < 1e-9
+                          and (stored_test is None or abs(test_acc - stored_test) < 1e-9)
                           and abs(size - stored["size_mb"]) < 1e-9)}

@@ -88,7 +88,8 @@ def test_fractional_gpu_and_name_override(tmp_path):
 def test_quickstart_spec_is_valid():
     spec = load_study_spec(ROOT / "studies" / "quickstart.yaml")
     assert spec.dataset == "digits" and spec.model == "tiny-cnn"
-    assert set(spec.objectives) == {"accuracy", "size_mb", "backward_cost"}
+    assert {"val_accuracy", "size_mb"} <= set(spec.objectives) and len(spec.objectives) == 3
+    assert spec.scheduler.metric == "val_accuracy"
     assert {"w_bits", "a_bits", "first_bits", "last_bits", "lr"} <= set(spec.searched())
     assert spec.scheduler.type == "asha" and spec.budget.max_concurrent == 2
 

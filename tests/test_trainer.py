@@ -43,8 +43,8 @@ def test_training_reports_every_epoch_and_learns(tiny_config):
     reports: list[dict] = []
     result = train(cfg, report=reports.append)
     assert [r["epoch"] for r in reports] == [1, 2]
-    for key in ("accuracy", "size_mb", "bops", "backward_cost", "train_loss", "test_loss", "lr",
-                "epoch_s", "wall_s"):
+    for key in ("accuracy", "val_accuracy", "size_mb", "bops", "backward_cost", "train_loss",
+                "val_loss", "lr", "epoch_s", "wall_s"):
         assert key in reports[-1], key
     assert result.metrics["epochs"] == 2
     assert result.metrics["accuracy"] > 0.8  # warm-started tiny-cnn on digits

@@ -11,7 +11,11 @@ from rich.table import Table
 
 from qsearch.cli import app, console
 
-JSON_KEYS = ("accuracy", "size_mb", "bops", "backward_cost", "epochs", "wall_s")
+#: ``accuracy`` is the per-epoch alias of ``val_accuracy``; ``test_accuracy`` and
+#: ``test_loss`` are measured once, on the final weights.
+JSON_KEYS = ("val_accuracy", "accuracy", "test_accuracy", "test_loss", "size_mb", "bops",
+             "backward_cost", "epochs", "wall_s")
+EPOCH_COLUMNS = ("epoch", "train_loss", "val_accuracy", "size_mb", "backward_cost", "epoch_s")
 
 
 @app.command()
@@ -37,19 +41,21 @@ def train(
         def report(m: dict) -> None:
             rows.append(m)
             progress.update(task, completed=m["epoch"],
-                            status=f"acc {m['accuracy']:.4f}  loss {m['train_loss']:.4f}")
+                            status=f"val acc {m['val_accuracy']:.4f}  "
+                                   f"loss {m['train_loss']:.4f}")
 
         result = run_train(cfg, report=report, checkpoint_dir=checkpoint_dir)
 
     table = Table(title="per-epoch metrics")
-    for col in ("epoch", "train_loss", "accuracy", "size_mb", "backward_cost", "epoch_s"):
+    for col in EPOCH_COLUMNS:
         table.add_column(col, justify="right")
     for m in result.history:
-        table.add_row(*(f"{m[c]:.4g}" if isinstance(m[c], float) else str(m[c])
-                        for c in ("epoch", "train_loss", "accuracy", "size_mb", "backward_cost", "epoch_s")))
+        table.add_row(*(f"{m.get(c):.4g}" if isinstance(m.get(c), float) else str(m.get(c, ""))
+                        for c in EPOCH_COLUMNS))
     if not as_json:
         console.print(table)
-        console.print(f"final: accuracy={result.metrics['accuracy']:.4f} "
+        console.print(f"final: val_accuracy={result.metrics['val_accuracy']:.4f} "
+                      f"test_accuracy={result.metrics['test_accuracy']:.4f} "
                       f"size_mb={result.metrics['size_mb']:.4f} "
                       f"backward_cost={result.metrics['backward_cost']:.4f}")
     else:
@@ -80,6 +86,8 @@ def datasets() -> None:
     table = Table(title="datasets")
     table.add_column("name")
     table.add_column("description")
+    table.add_column("validation split")
     for name in list_datasets():
-        table.add_row(name, dataset_entry(name).description)
+        entry = dataset_entry(name)
+        table.add_row(name, entry.description, entry.validation)
     console.print(table)

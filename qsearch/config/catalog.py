@@ -67,6 +67,7 @@ for _d in (
     DatasetInfo("synthetic", "random class-conditional images (smoke tests only)"),
     DatasetInfo("cifar10", "CIFAR-10 via torchvision (data.root, data.download)"),
     DatasetInfo("cifar100", "CIFAR-100 via torchvision (data.root, data.download)"),
-    DatasetInfo("imagefolder", "ImageFolder at data.path with train/ and val/"),
+    DatasetInfo("imagefolder", "ImageFolder at data.path: train/, val/ (the test split), "
+                               "optional valid/"),
 ):
     declare_dataset(_d)

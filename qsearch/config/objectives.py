@@ -37,6 +37,9 @@ class Objective:
     aggregate: Literal["final"] = "final"
     #: Known from the config alone, before any training (sizes, modelled costs).
     known_before_training: bool = False
+    #: False for a figure that is reported but must never be selected on (test accuracy: a
+    #: front chosen on the test split is biased, so the study spec rejects it as an objective).
+    optimizable: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -110,9 +113,22 @@ def direction_of(name: str) -> Direction:
 
 # ----------------------------------------------------------------------------- built-ins
 
+VAL_ACCURACY = register_objective(Objective(
+    "val_accuracy", "maximize", "validation accuracy", unit="top-1", kind="measured",
+    description="top-1 accuracy of the final model on the validation split (carved from the "
+                "training split, data.val_fraction); what the sampler and scheduler select on"))
+TEST_ACCURACY = register_objective(Objective(
+    "test_accuracy", "maximize", "test accuracy", unit="top-1", kind="measured",
+    optimizable=False,
+    description="top-1 accuracy of the final model on the test split, measured once when a "
+                "trial finishes; reported, never optimized (selecting on it biases the front)"))
+#: Stores written before validation splits existed optimized ``accuracy``, measured on the
+#: test split; it stays registered so they still load and print.
 ACCURACY = register_objective(Objective(
-    "accuracy", "maximize", "accuracy", unit="top-1", kind="measured",
-    description="top-1 accuracy of the final model on the held-out split"))
+    "accuracy", "maximize", "accuracy (test split, stores before validation splits)",
+    unit="top-1", kind="measured",
+    description="top-1 accuracy of the final model on the test split, as optimized by studies "
+                "written before validation splits; new studies use val_accuracy"))
 SIZE_MB = register_objective(Objective(
     "size_mb", "minimize", "size", unit="MB", kind="computed", known_before_training=True,
     description="weights at their bit widths plus FP32 extras (BN, biases, step sizes)"))

@@ -6,18 +6,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from qsearch.data.registry import DatasetBundle, register_dataset
+from qsearch.data.splits import stratified_carve
 from qsearch.errors import DataError
 
-# The digits split is fixed (not the trial seed) so every trial is scored on the same images.
+# The digits test split is fixed (not the trial seed) so every trial is scored on the same
+# images; the validation split is carved from the rest with data.split_seed (qsearch.data.splits).
 DIGITS_SPLIT_SEED = 0
+CARVED = "data.val_fraction of the training split, stratified by class (data.split_seed)"
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 
 
-@register_dataset("digits", description="scikit-learn's bundled 8x8 digits (1797 images, offline)")
+def _tensor_bundle(x: torch.Tensor, y: torch.Tensor, test_idx: torch.Tensor,
+                   pool: torch.Tensor, opts: Any, **kw: Any) -> DatasetBundle:
+    """Train/val/test tensor datasets: ``val`` carved from ``pool`` (the training split)."""
+    keep, carve = stratified_carve(y[pool], opts.val_fraction, opts.split_seed)
+    train_idx, val_idx = pool[keep], pool[carve]
+    val = TensorDataset(x[val_idx], y[val_idx]) if len(val_idx) else None
+    return DatasetBundle(
+        TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]),
+        val=val, val_source=CARVED if val is not None else "none (data.val_fraction: 0)",
+        split_indices={"train": train_idx, "val": val_idx, "test": test_idx}, **kw,
+    )
+
+
+@register_dataset("digits", description="scikit-learn's bundled 8x8 digits (1797 images, offline)",
+                  validation=f"{CARVED}; test: data.test_fraction of the images (fixed seed)")
 def digits(opts: Any) -> DatasetBundle:
     from sklearn.datasets import load_digits
 
@@ -27,16 +44,16 @@ def digits(opts: Any) -> DatasetBundle:
     g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
     perm = torch.randperm(len(y), generator=g)
     n_test = int(round(len(y) * opts.test_fraction))
-    test_idx, train_idx = perm[:n_test], perm[n_test:]
-    mean, std = x[train_idx].mean(), x[train_idx].std()
+    test_idx, pool = perm[:n_test], perm[n_test:]
+    # Normalised with the statistics of the whole training split (train + val, two scalars),
+    # never the test images: the test tensors are the same whatever data.val_fraction is.
+    mean, std = x[pool].mean(), x[pool].std()
     x = (x - mean) / std
-    return DatasetBundle(
-        TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]),
-        num_classes=10, input_shape=(1, 8, 8),
-    )
+    return _tensor_bundle(x, y, test_idx, pool, opts, num_classes=10, input_shape=(1, 8, 8))
 
 
-@register_dataset("synthetic", description="random class-conditional images (smoke tests only)")
+@register_dataset("synthetic", description="random class-conditional images (smoke tests only)",
+                  validation=f"{CARVED}; test: the first data.test_fraction of the samples")
 def synthetic(opts: Any) -> DatasetBundle:
     c, s, k, n = opts.channels, opts.image_size, opts.num_classes, opts.num_samples
     g = torch.Generator().manual_seed(1234)
@@ -44,10 +61,33 @@ def synthetic(opts: Any) -> DatasetBundle:
     y = torch.randint(0, k, (n,), generator=g)
     x = prototypes[y] + 1.5 * torch.randn(n, c, s, s, generator=g)
     n_test = max(1, int(round(n * opts.test_fraction)))
-    return DatasetBundle(
-        TensorDataset(x[n_test:], y[n_test:]), TensorDataset(x[:n_test], y[:n_test]),
-        num_classes=k, input_shape=(c, s, s),
-    )
+    return _tensor_bundle(x, y, torch.arange(n_test), torch.arange(n_test, n), opts,
+                          num_classes=k, input_shape=(c, s, s))
+
+
+class _Subset(Dataset):
+    """Samples ``indices`` of ``base`` (which yields untransformed images) with ``transform``:
+    the training and validation parts of one split get different transforms."""
+
+    def __init__(self, base: Any, indices: torch.Tensor, transform: Any):
+        self.base, self.indices, self.transform = base, indices.tolist(), transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        img, target = self.base[self.indices[i]]
+        return self.transform(img), target
+
+
+def _carve_folder(base: Any, targets: Any, train_tf: Any, eval_tf: Any, opts: Any,
+                  source: str) -> dict[str, Any]:
+    """Train and val parts of a torchvision training split (val without augmentation)."""
+    keep, carve = stratified_carve(targets, opts.val_fraction, opts.split_seed)
+    return {"train": _Subset(base, keep, train_tf),
+            "val": _Subset(base, carve, eval_tf) if len(carve) else None,
+            "val_source": source if len(carve) else "none (data.val_fraction: 0)",
+            "split_indices": {"train": keep, "val": carve}}
 
 
 def _cifar(name: str, opts: Any) -> DatasetBundle:
@@ -57,30 +97,43 @@ def _cifar(name: str, opts: Any) -> DatasetBundle:
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     norm = T.Normalize(CIFAR_MEAN[name], CIFAR_STD[name])
     train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if opts.augment else []
+    eval_tf = T.Compose([T.ToTensor(), norm])
     try:
-        train = cls(opts.root, train=True, download=opts.download,
-                    transform=T.Compose([*train_tf, T.ToTensor(), norm]))
-        test = cls(opts.root, train=False, download=opts.download,
-                   transform=T.Compose([T.ToTensor(), norm]))
+        base = cls(opts.root, train=True, download=opts.download)
+        test = cls(opts.root, train=False, download=opts.download, transform=eval_tf)
     except RuntimeError as e:
         raise DataError(
             f"data.root: {name} not found under {Path(opts.root).resolve()} ({e}); put the "
             f"dataset there, point data.root at it, or set data.download=true"
         ) from e
-    return DatasetBundle(train, test, num_classes=len(train.classes), input_shape=(3, 32, 32))
+    parts = _carve_folder(base, base.targets, T.Compose([*train_tf, T.ToTensor(), norm]),
+                          eval_tf, opts, f"{CARVED} (the 50k training images)")
+    return DatasetBundle(test=test, num_classes=len(base.classes), input_shape=(3, 32, 32),
+                         **parts)
 
 
-@register_dataset("cifar10", description="CIFAR-10 via torchvision (data.root, data.download)")
+_CIFAR_VAL = f"{CARVED}, not augmented; test: the 10k test images"
+
+
+@register_dataset("cifar10", description="CIFAR-10 via torchvision (data.root, data.download)",
+                  validation=_CIFAR_VAL)
 def cifar10(opts: Any) -> DatasetBundle:
     return _cifar("cifar10", opts)
 
 
-@register_dataset("cifar100", description="CIFAR-100 via torchvision (data.root, data.download)")
+@register_dataset("cifar100", description="CIFAR-100 via torchvision (data.root, data.download)",
+                  validation=_CIFAR_VAL)
 def cifar100(opts: Any) -> DatasetBundle:
     return _cifar("cifar100", opts)
 
 
-@register_dataset("imagefolder", description="ImageFolder at data.path with train/ and val/")
+IMAGEFOLDER_DESCRIPTION = ("ImageFolder at data.path: train/, val/ (the test split), "
+                           "optional valid/")
+
+
+@register_dataset("imagefolder", description=IMAGEFOLDER_DESCRIPTION,
+                  validation="valid/ when it exists, else data.val_fraction of train/, "
+                             "stratified by class (data.split_seed); val/ is the test split")
 def imagefolder(opts: Any) -> DatasetBundle:
     import torchvision
     from torchvision import transforms as T
@@ -93,9 +146,23 @@ def imagefolder(opts: Any) -> DatasetBundle:
             raise DataError(f"data.path: {root / split} is not a directory (need train/ and val/)")
     size = opts.image_size
     norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    train_tf = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if opts.augment else [
-        T.Resize(size), T.CenterCrop(size)]
-    train = torchvision.datasets.ImageFolder(str(root / "train"), T.Compose([*train_tf, T.ToTensor(), norm]))
-    test = torchvision.datasets.ImageFolder(
-        str(root / "val"), T.Compose([T.Resize(int(size * 1.14)), T.CenterCrop(size), T.ToTensor(), norm]))
-    return DatasetBundle(train, test, num_classes=len(train.classes), input_shape=(3, size, size))
+    train_tf = T.Compose([*([T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if opts.augment
+                            else [T.Resize(size), T.CenterCrop(size)]), T.ToTensor(), norm])
+    eval_tf = T.Compose([T.Resize(int(size * 1.14)), T.CenterCrop(size), T.ToTensor(), norm])
+    # ImageNet-style folders call the test split val/; a separate validation set is valid/.
+    test = torchvision.datasets.ImageFolder(str(root / "val"), eval_tf)
+    if (root / "valid").is_dir():
+        train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
+        val = torchvision.datasets.ImageFolder(str(root / "valid"), eval_tf)
+        if val.classes != train.classes:
+            raise DataError(f"data.path: {root / 'valid'} has other classes than "
+                            f"{root / 'train'}; the validation split needs the same class folders")
+        parts: dict[str, Any] = {"train": train, "val": val, "val_source": f"{root / 'valid'}"}
+        classes = train.classes
+    else:
+        base = torchvision.datasets.ImageFolder(str(root / "train"))
+        parts = _carve_folder(base, base.targets, train_tf, eval_tf, opts,
+                              f"{CARVED} ({root / 'train'})")
+        classes = base.classes
+    return DatasetBundle(test=test, num_classes=len(classes), input_shape=(3, size, size),
+                         **parts)

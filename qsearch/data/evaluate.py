@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -10,7 +12,12 @@ from qsearch.data.registry import DatasetBundle, iterate_batches
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DatasetBundle, device: torch.device, batch_size: int,
-             split: str = "test") -> tuple[float, float]:
+             split: str = "val") -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) on ``split``. The default is the validation split,
+    what a search may look at; pass ``split="test"`` only to report a finished model. A run
+    without a validation split (``data.val_fraction: 0``) gets ``(nan, nan)`` for ``val``."""
+    if split == "val" and not data.has_split("val"):
+        return math.nan, math.nan
     was = model.training
     model.eval()
     correct = total = 0

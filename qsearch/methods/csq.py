@@ -412,11 +412,12 @@ def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, 
                            for n, q in layers.items()})
             loss_sum += float(loss.detach()) * len(y)
             count += len(y)
-        acc, test_loss = ctx.evaluate(net)
+        acc, val_loss = ctx.evaluate(net, split="val")
         bits = _current_bits(layers)
         if ctx.report is not None:
             ctx.report({"epoch": epoch + 1, "train_loss": loss_sum / max(1, count),
-                        "test_loss": test_loss, "accuracy": acc, "size_mb": budget.size_mb(bits),
+                        "val_loss": val_loss, "val_accuracy": acc, "accuracy": acc,
+                        "size_mb": budget.size_mb(bits),
                         "csq.stage": 1, "csq.avg_bits": budget.avg_bits(bits), "csq.rho": rho,
                         "csq.beta": beta, "csq.target_bits": budget.target_bits})
     if hard is None:

@@ -74,9 +74,12 @@ class TrainContext:
                                     generator=g):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def evaluate(self, model: nn.Module | None = None) -> tuple[float, float]:
-        """(top-1 accuracy, mean loss) on the held-out split."""
-        return evaluate(model or self.model, self.data, self.device, self.config.batch_size)
+    def evaluate(self, model: nn.Module | None = None, split: str = "val") -> tuple[float, float]:
+        """(top-1 accuracy, mean loss) on the validation split — all a method or the per-epoch
+        report may look at; ``(nan, nan)`` without one (``data.val_fraction: 0``). The trainer
+        alone measures ``split="test"``, once, on a finished trial's final weights."""
+        return evaluate(model or self.model, self.data, self.device, self.config.batch_size,
+                        split=split)
 
 
 class Method(ABC):  # noqa: B024 - every hook has a do-nothing default on purpose

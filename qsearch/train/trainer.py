@@ -182,15 +182,20 @@ class Trainer:
         return layer_costs(ctx.model, self.data.input_shape, stats, self.macs)
 
     def epoch_metrics(self, ctx: TrainContext, train_loss: float) -> dict[str, Any]:
-        acc, test_loss = ctx.evaluate()
+        # Validation only: every epoch's report reaches the scheduler and the sampler. The test
+        # split is measured once, in run(), on the final weights (final_test_metrics).
+        val_acc, val_loss = ctx.evaluate(split="val")
         rows = self.layer_rows(ctx)
         extra = sum(m.extra_backward_bops(ctx) for m in self.methods)
         cost = compute_cost(rows, extra_param_count(ctx.model, ctx.qlayers), extra)
         out: dict[str, Any] = {
             "epoch": ctx.epoch,
             "train_loss": train_loss,
-            "test_loss": test_loss,
-            "accuracy": acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            # Alias of val_accuracy while the search, store and dashboards still read
+            # ``accuracy``; it goes once they read objectives from the registry.
+            "accuracy": val_acc,
             "size_mb": cost.size_mb,
             "bops": cost.bops,
             "backward_cost": cost.backward_cost,
@@ -200,6 +205,12 @@ class Trainer:
         for m in self.methods:
             out.update({f"{m.name}.{k}": v for k, v in m.metrics(ctx).items()})
         return out
+
+    def final_test_metrics(self, ctx: TrainContext) -> dict[str, float]:
+        """``test_accuracy`` and ``test_loss`` of the final weights: the one look at the test
+        split a trial gets, after its last epoch (never per epoch, so nothing selects on it)."""
+        test_acc, test_loss = ctx.evaluate(split="test")
+        return {"test_accuracy": test_acc, "test_loss": test_loss}
 
     def checkpoint_payload(self, ctx: TrainContext, history: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         return {
@@ -261,6 +272,7 @@ class Trainer:
             if self.report:
                 self.report(dict(metrics))
         final = dict(history[-1]) if history else self.epoch_metrics(ctx, float("nan"))
+        final.update(self.final_test_metrics(ctx))
         final["epochs"] = ctx.epoch
         final["wall_s"] = wall_before + time.perf_counter() - start
         return TrainResult(

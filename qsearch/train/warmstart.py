@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from qsearch.config import TrialConfig
 
 log = logging.getLogger(__name__)
-WARMSTART_VERSION = 1
+#: 2: trained on the training split without its validation carve; accuracy is validation.
+WARMSTART_VERSION = 2
 
 
 @dataclass
@@ -59,7 +60,8 @@ def cache_key(cfg: TrialConfig) -> str:
 
 
 def train_float(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -> tuple[nn.Module, float]:
-    """Train the FP32 model with the warm-start recipe; returns (model, test accuracy)."""
+    """Train the FP32 model with the warm-start recipe on the training split only (never val
+    or test); returns (model, validation accuracy) — nan without a validation split."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels).to(device)
     ws = cfg.warm_start
@@ -75,7 +77,7 @@ def train_float(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -> 
             loss.backward()
             opt.step()
         sched.step()
-    acc, _ = evaluate(model, data, device, cfg.batch_size)
+    acc, _ = evaluate(model, data, device, cfg.batch_size, split="val")
     return model, acc
 
 
@@ -94,5 +96,5 @@ def load_or_train(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -
         model, acc = train_float(cfg, data, device)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         atomic_torch_save({"state_dict": state, "accuracy": acc, "key": path.stem}, path)
-        log.info("trained FP32 warm start %s (accuracy %.4f)", path.name, acc)
+        log.info("trained FP32 warm start %s (validation accuracy %.4f)", path.name, acc)
         return WarmStart(state, path, True, acc)
