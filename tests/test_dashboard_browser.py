@@ -64,6 +64,7 @@ def study_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_click_pareto_point_opens_trial(chromium: str, study_url: str) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -91,11 +92,21 @@ def test_click_pareto_point_opens_trial(chromium: str, study_url: str) -> None:
             assert number in front
             assert drv.current_url.endswith(f"/study/{TINY_STUDY}/trial/{number}")
             layers = queries.layer_records(store, TINY_STUDY, number)
-            bars = drv.find_elements(By.CSS_SELECTOR, "#layer-bits .barlayer .trace")
-            assert len(bars) == 3  # weights, activations, gradients
-            assert len(bars[0].find_elements(By.CSS_SELECTOR, ".point")) == len(layers)
-            ticks = [t.text for t in drv.find_elements(By.CSS_SELECTOR, "#layer-bits .xtick text")]
-            assert ticks == [r["name"] for r in layers]
+            # Plotly may redraw the figure (a resize) while we read it: a stale element is
+            # read again, not a failure.
+            settled = WebDriverWait(drv, 30, ignored_exceptions=(StaleElementReferenceException,))
+
+            def drawn(d: Any) -> tuple[int, int, list[str]]:
+                bars = d.find_elements(By.CSS_SELECTOR, "#layer-bits .barlayer .trace")
+                points = len(bars[0].find_elements(By.CSS_SELECTOR, ".point")) if bars else 0
+                ticks = [x.text for x in d.find_elements(By.CSS_SELECTOR, "#layer-bits .xtick text")]
+                return len(bars), points, ticks
+
+            want = (3, len(layers), [r.name for r in layers])  # weights, activations, gradients
+            try:
+                settled.until(lambda d: drawn(d) == want)
+            except TimeoutException:
+                assert drawn(drv) == want
             drv.execute_script("window.scrollTo(0, 0)")
             drv.save_screenshot(str(ARTIFACTS / "dashboard-trial.png"))
     finally:
