@@ -212,7 +212,8 @@ def pareto(
 @app.command()
 def export(
     study: Annotated[str, typer.Argument(help="study name")],
-    output: Annotated[str, typer.Option("--output", "-o", help="export file (.json or .yaml)")],
+    output: Annotated[str, typer.Option("--output", "-o", help=(
+        "export file (.json, .yaml or .onnx); with --all-front, a directory"))],
     storage: StorageOpt = None,
     trial: Annotated[Optional[int], typer.Option(help="export this trial number")] = None,
     rule: Annotated[Optional[str], typer.Option(
@@ -220,29 +221,134 @@ def export(
     max_size_mb: Annotated[Optional[float], typer.Option(help="only Pareto trials at most this size")] = None,
     min_accuracy: Annotated[Optional[float], typer.Option(help="only Pareto trials at least this accurate")] = None,
     max_backward_cost: Annotated[Optional[float], typer.Option(help="only Pareto trials at most this backward cost")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help=(
+        "json | yaml | onnx (default: from the -o suffix; onnx with --all-front). onnx also "
+        "writes <name>.encodings.json and the JSON export beside the model"))] = None,
+    all_front: Annotated[bool, typer.Option("--all-front", help=(
+        "export every point of the stored Pareto front into the -o directory, with an "
+        "index.json"))] = False,
+    act_types: Annotated[str, typer.Option(help=(
+        "ONNX activation Q/DQ types: int8 (runs in every ONNX Runtime mode) or int4 "
+        "(INT4/UINT4 for grids of <= 4 bits)"))] = "int8",
 ) -> None:
-    """Export a trial's config, per-layer precision and weights."""
-    from qsearch.export import export_trial, select_trial
+    """Export a trial's config, per-layer precision and weights (and ONNX for deployment)."""
+    from pathlib import Path
 
+    from qsearch.export import export_trial, rebuild_model, select_trial
+    from qsearch.store import queries
+
+    if fmt is not None and fmt not in ("json", "yaml", "onnx"):
+        raise ConfigError("--format", f"unknown format {fmt!r}; choose json, yaml or onnx")
+    if act_types not in ("int8", "int4"):
+        raise ConfigError("--act-types", f"choose int8 or int4, not {act_types!r}")
     if trial is not None and rule is not None:
         raise ConfigError("--trial", "give either --trial or --pick, not both")
+    if all_front and (trial is not None or rule is not None):
+        raise ConfigError("--all-front", "exports the whole front; drop --trial/--pick")
+
+    def deploy(store: Any, number: int, onnx_path: Path, doc_path: Path) -> dict[str, Any]:
+        from qsearch.deploy.bundle import write_deploy_files
+
+        doc = export_trial(store, study, number, doc_path)
+        model, cfg, data = rebuild_model(doc, doc_path)
+        files = write_deploy_files(model, cfg, data, onnx_path, study=study, trial=number,
+                                   objectives=doc["objectives"], act_types=act_types)
+        return {"doc": doc, **files}
+
     store = _store(storage)
+    if all_front:
+        from qsearch.deploy.size import format_size_report
+
+        out_dir = Path(output)
+        if out_dir.suffix.lower() in (".json", ".yaml", ".yml", ".onnx"):
+            raise ConfigError("--output", "with --all-front, -o names a directory")
+        queries.require_study(store, study)
+        _, points = queries.pareto_front(store, study)
+        if not points:
+            raise ConfigError("study", f"study {study!r} has no Pareto front yet")
+        fmt = fmt or "onnx"
+        ext = ".yaml" if fmt == "yaml" else ".json"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        index: list[dict[str, Any]] = []
+        for p in points:
+            n = int(p["trial_number"])
+            stem = out_dir / f"trial-{n:04d}"
+            entry: dict[str, Any] = {"trial": n, "is_knee": bool(p.get("is_knee"))}
+            if fmt == "onnx":
+                r = deploy(store, n, stem.with_suffix(".onnx"), stem.with_suffix(ext))
+                doc = r["doc"]
+                entry.update(onnx=r["onnx"], encodings=r["encodings"],
+                             onnx_bytes=r["size"]["file_bytes"],
+                             weights_bytes_by_dtype=r["size"]["weights_bytes_by_dtype"])
+                console.print(format_size_report(r["size"]), highlight=False, soft_wrap=True)
+            else:
+                doc = export_trial(store, study, n, stem.with_suffix(ext))
+            entry.update(export=stem.with_suffix(ext).name, weights=doc["weights"]["file"],
+                         objectives=doc["objectives"])
+            index.append(entry)
+        (out_dir / "index.json").write_text(json.dumps(
+            {"format": "qsearch-export-index", "version": 1, "study": study,
+             "points": index}, indent=2))
+        console.print(f"exported {len(index)} Pareto trials of {study} to {out_dir} "
+                      f"(index.json)", highlight=False)
+        return
+    out = Path(output)
+    fmt = fmt or ("onnx" if out.suffix.lower() == ".onnx" else
+                  "yaml" if out.suffix.lower() in (".yaml", ".yml") else "json")
+    if (fmt == "onnx") != (out.suffix.lower() == ".onnx") or \
+            (fmt == "yaml") != (out.suffix.lower() in (".yaml", ".yml")):
+        want = {"onnx": ".onnx", "yaml": ".yaml or .yml", "json": ".json"}[fmt]
+        raise ConfigError("--output", f"a --format {fmt} export must end in {want}")
     number = select_trial(store, study, trial=trial, rule=rule, max_size_mb=max_size_mb,
                           min_accuracy=min_accuracy, max_backward_cost=max_backward_cost)
-    doc = export_trial(store, study, number, output)
+    if fmt == "onnx":
+        from qsearch.deploy.size import format_size_report
+
+        r = deploy(store, number, out, out.with_suffix(".json"))
+        doc = r["doc"]
+        written = f"{out} (+ {r['encodings']}, {out.with_suffix('.json').name}, " \
+                  f"{doc['weights']['file']})"
+    else:
+        doc = export_trial(store, study, number, out)
+        written = f"{output} (+ {doc['weights']['file']})"
     o = doc["objectives"]
-    console.print(f"exported trial {number} of {study} to {output} (+ {doc['weights']['file']}): "
+    console.print(f"exported trial {number} of {study} to {written}: "
                   f"accuracy {o['accuracy']:.4f}, size {o['size_mb']:.4g} MB, "
                   f"backward cost {o['backward_cost']:.4g}", highlight=False)
+    if fmt == "onnx":
+        console.print(format_size_report(r["size"]), highlight=False, soft_wrap=True)
 
 
 @app.command(name="eval")
 def eval_(
-    export_file: Annotated[str, typer.Argument(help="export JSON/YAML written by qsearch export")],
+    export_file: Annotated[str, typer.Argument(
+        help="export JSON/YAML written by qsearch export, or an exported .onnx model")],
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    dataset: Annotated[Optional[str], typer.Option(help=(
+        ".onnx only: score on this dataset instead of the one in the model's metadata"))] = None,
 ) -> None:
-    """Rebuild an exported model, re-measure accuracy and size, compare with the study."""
+    """Rebuild an exported model, re-measure accuracy and size, compare with the study; an
+    .onnx model runs in ONNX Runtime (CPU) on its dataset's test split."""
     from qsearch.errors import CheckpointError
+
+    if export_file.lower().endswith(".onnx"):
+        from qsearch.deploy.onnx_eval import evaluate_onnx
+
+        r = evaluate_onnx(export_file, dataset=dataset)
+        if as_json:
+            print(json.dumps(r))
+            return
+        where = f" of study {r['study']}, trial {r['trial']}" if r.get("study") else ""
+        stored = "; ".join(f"stored {k} {r[key]:.6f}" for k, key in (
+            ("accuracy", "stored_accuracy"), ("test accuracy", "stored_test_accuracy"))
+            if r.get(key) is not None) or "no stored accuracy in the model's metadata"
+        diff = f"; difference {r['difference']:+.6f}" if r["difference"] is not None else ""
+        console.print(f"accuracy {r['accuracy']:.6f} on the {r['dataset']} test split "
+                      f"({r['n']} images, ONNX Runtime CPU){where}: {stored}{diff}",
+                      highlight=False, soft_wrap=True)
+        return
+    if dataset is not None:
+        raise ConfigError("--dataset", "only applies to .onnx models")
     from qsearch.export import evaluate_export
 
     r = evaluate_export(export_file)
