@@ -132,7 +132,8 @@ def test_resume_after_killed_driver_and_second_driver_refused(tmp_path, ray_sess
 
 def test_ctrl_c_stops_cleanly(tmp_path):
     """SIGINT to a running driver: it stops, the trial it was running ends FAIL (not counted),
-    nothing stays RUNNING and the lease is released, so a relaunch can go on at once."""
+    nothing stays RUNNING, the lease is released, the driver says how to resume and exits 130;
+    the relaunch finishes the budget with every trial number once."""
     url = f"sqlite:///{tmp_path / 'q.db'}"
     data = tiny_spec("ctrlc", url, tmp_path, budget={"num_trials": 6, "max_concurrent": 1})
     data["base"].update(epochs=6, batch_size=16)
@@ -146,7 +147,7 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert rc in (0, 130), log.read_text()[-3000:]
+    assert rc == 130, log.read_text()[-3000:]
     trials = optuna.load_study(study_name="ctrlc", storage=url).trials
     assert trials and not [t for t in trials if t.state == TrialState.RUNNING]
     assert len(trials) < 6, "the driver should have stopped before the budget"
@@ -159,6 +160,15 @@ def test_ctrl_c_stops_cleanly(tmp_path):
         assert st["status"] == "stopped" and st["lease_host"] is None
     finally:
         store.dispose()
+
+    proc, log = start_driver(data, tmp_path, "--num-cpus", "1")
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    study = optuna.load_study(study_name="ctrlc", storage=url)
+    counted = [t for t in study.trials if t.user_attrs.get("qsearch_counted", True)
+               and t.state != TrialState.RUNNING]
+    assert len(counted) == 6
+    numbers = [r["number"] for r in stored_trials(url, "ctrlc")]
+    assert len(numbers) == len(set(numbers)) == len(study.trials)
 
 
 @pytest.mark.postgres

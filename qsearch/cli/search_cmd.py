@@ -71,6 +71,12 @@ def launch(
     console.print(f"study {r.study}: {r.status}; {r.counted} trials counted "
                   f"({r.complete} complete, {r.pruned} pruned, {r.failed} failed, "
                   f"{r.lost} lost) in {r.wall_s:.1f} s", highlight=False)
+    if r.status == "interrupted":
+        again = f"qsearch launch {spec}" + (f" --name {name}" if name else "") + \
+            (f" --storage {storage}" if storage else "")
+        console.print(f"interrupted trials are not counted; resume with: {again}",
+                      highlight=False)
+        raise typer.Exit(130)
 
 
 def _reader(url: str | None) -> Any:

@@ -136,7 +136,8 @@ class StoreCallback(Callback):
             counted=outcome.counted, values=values,
             epochs_completed=outcome.epochs_completed, error=outcome.error,
             layers=last.get(P.LAYERS) if done else None,
-            weights_path=last.get(P.WEIGHTS) if done else None)
+            weights_path=last.get(P.WEIGHTS) if done else None,
+            feasible=outcome.feasible if outcome.constraints else None)
         if done:
             update_snapshot(self.store, self.study_id, list(self.spec.objectives),
                             list(self.spec.directions), trigger_trial=number,
@@ -155,7 +156,9 @@ class StoreCallback(Callback):
         self.store.trial_finished(
             self.study_id, number, state=outcome.state.name, detail=outcome.detail,
             counted=outcome.counted, values=dict(outcome.values) if done else None,
-            epochs_completed=0, error=outcome.error)
+            epochs_completed=0, error=outcome.error,
+            feasible=outcome.feasible if outcome.constraints else None,
+            reused_from=outcome.reused_from)
         self.on_event("end", number, {"state": outcome.state.name, **outcome.values,
                                       "epoch": 0, "error": outcome.error or outcome.detail})
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 import threading
 import time
 import warnings
@@ -50,7 +51,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 @dataclass
 class LaunchResult:
     study: str
-    status: str  # finished | stopped
+    status: str  # finished | stopped | interrupted (Ctrl-C)
     counted: int  # trials that used up budget (COMPLETE + PRUNED + FAIL, not lost)
     complete: int
     pruned: int
@@ -117,6 +118,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     if ray.is_initialized():
         return
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # qsearch handles Ctrl-C itself (Interrupt): it must know, to record the trials it stops
+    # as interrupted and exit 130.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing
     # Every epoch checkpoint (num_to_keep=1) forces a Tune experiment snapshot; qsearch resumes
     # studies from Optuna, not from those snapshots, so their "excessive sync" warning is noise.
@@ -179,20 +183,48 @@ class Heartbeat(threading.Thread):
                 log.warning("heartbeat failed: %s", e)
 
 
-class LeaseStopper(Stopper):
-    """Tune stopper that ends the experiment when the heartbeat lost the lease."""
+class Interrupt:
+    """Ctrl-C during a study: the first SIGINT asks Tune to stop every trial (through the
+    stopper below), so their rows end FAIL "interrupted" and uncounted and the next launch
+    re-runs them; a second SIGINT aborts at once. Installed only in the main thread."""
 
-    def __init__(self, heartbeat: Heartbeat | None):
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: stopping the running trials (Ctrl-C again to abort now)")
+
+    def __enter__(self) -> Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class LeaseStopper(Stopper):
+    """Tune stopper that ends the experiment when the heartbeat lost the lease or the user
+    pressed Ctrl-C."""
+
+    def __init__(self, heartbeat: Heartbeat | None, interrupt: Interrupt | None = None):
         self.heartbeat = heartbeat
+        self.interrupt = interrupt
 
     def __call__(self, trial_id: str, result: dict) -> bool:
         return False
 
     def stop_all(self) -> bool:
-        return bool(self.heartbeat and self.heartbeat.lost)
+        return bool((self.heartbeat and self.heartbeat.lost)
+                    or (self.interrupt and self.interrupt.requested))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"heartbeat": None}  # Tune pickles its config; the thread stays here
+        return {"heartbeat": None, "interrupt": None}  # Tune pickles its config
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -277,6 +309,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     hb.start()
     status = "stopped"
     searcher = None
+    interrupt = Interrupt()
     try:
         storage = optuna_storage(store)
         study = optuna.create_study(study_name=spec.name, storage=storage,
@@ -322,16 +355,19 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}",
                 storage_path=checkpoints_path(spec), callbacks=[callback],
-                stop=LeaseStopper(hb), verbose=0,
+                stop=LeaseStopper(hb, interrupt), verbose=0,
                 # A dead worker process or node restarts the trial from its last epoch
                 # checkpoint; the trainer's own errors never reach Tune as errors.
                 failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
         )
-        with view:
+        with view, interrupt:
+            searcher.interrupt = interrupt
             tuner.fit()
         _close_open_trials(searcher, store, rec.id)  # before the result counts them
         status = "finished" if len(counted_trials(study)) >= spec.budget.num_trials else "stopped"
+        if interrupt.requested and status != "finished":
+            status = "interrupted"
         return _result(spec.name, study, status, t0)
     finally:
         if searcher is not None:
@@ -344,7 +380,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
                 log.warning("could not close the study's open trials: %s", e)
         hb.stop_event.set()
         try:
-            store.release_lease(rec.id, token, status)
+            store.release_lease(rec.id, token, "stopped" if status == "interrupted" else status)
         except StorageError as e:  # pragma: no cover - the lease goes stale on its own
             log.warning("could not release the driver lease: %s", e)
         store.dispose()

@@ -140,6 +140,8 @@ class StudySearcher(Searcher):
         self.budget = budget
         self.known = known
         self.record = record or (lambda *_: None)
+        #: Set by the driver: once its ``requested`` is true, endings are interruptions.
+        self.interrupt: Any = None
         self.outcomes: dict[str, Outcome] = {}
         self.numbers: dict[str, int] = {}
         self.proposed = 0  # configs handed to Tune or reused, toward ``budget``
@@ -250,6 +252,12 @@ class StudySearcher(Searcher):
         if error:
             return  # the callback calls fail() with the message
         outcome = classify(result, self.objectives)
+        if self.interrupt is not None and self.interrupt.requested and \
+                outcome.state != TrialState.COMPLETE:
+            outcome = Outcome(TrialState.FAIL, "interrupted", counted=False,
+                              epochs_completed=outcome.epochs_completed,
+                              error="interrupted (Ctrl-C) before it finished; the next launch "
+                                    "runs it again")
         if outcome.state == TrialState.COMPLETE and self.spec.constraints:
             outcome = self._with_constraints(outcome, result or {})
         self._tell(trial_id, outcome)

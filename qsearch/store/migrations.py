@@ -33,6 +33,7 @@ SCHEMA_LOCK_KEY = 0x71736561  # "qsea"
 #: Columns added to existing tables, per version (table, column).
 ADDED_COLUMNS: dict[int, list[tuple[s.Table, str]]] = {
     2: [(s.trials, "retries"), (s.trials, "placement")],
+    3: [(s.trials, "feasible"), (s.trials, "reused_from")],
 }
 
 

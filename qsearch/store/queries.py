@@ -15,12 +15,13 @@ callers not yet moved to attributes.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, func, inspect, select
+from sqlalchemy import Connection, func, inspect, or_, select
 
 from qsearch.config import objectives as registry
 from qsearch.errors import ConfigError, StorageError
@@ -188,6 +189,8 @@ class TrialRow(_Valued):
     finished_at: datetime | None
     retries: int
     placement: dict[str, Any] | None
+    feasible: bool | None = None
+    reused_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,7 @@ def _study(m: Mapping[str, Any]) -> StudyRecord:
 
 
 _TRIAL_FIELDS = [f.name for f in dataclasses.fields(TrialRow) if f.name != "values"]
+_V3_TRIAL_FIELDS = ("feasible", "reused_from")  # absent from a not yet upgraded v2 store
 
 
 def _by_name(conn: Connection) -> bool:
@@ -327,7 +331,9 @@ def _point_values(conn: Connection, study_id: int, snapshot: int
 def _trial_rows(conn: Connection, study_id: int, states: list[str] | None = None,
                 number: int | None = None) -> list[TrialRow]:
     t = s.trials
-    q = select(*(t.c[f] for f in _TRIAL_FIELDS)).where(t.c.study_id == study_id)
+    fields = _TRIAL_FIELDS if _by_name(conn) else [f for f in _TRIAL_FIELDS
+                                                    if f not in _V3_TRIAL_FIELDS]
+    q = select(*(t.c[f] for f in fields)).where(t.c.study_id == study_id)
     if states:
         q = q.where(t.c.state.in_(states))
     if number is not None:
@@ -491,10 +497,21 @@ def complete_values(db: Database, study_id: int) -> list[TrialValues]:
     """Values of every COMPLETE trial (the input of a Pareto snapshot)."""
     t = s.trials
     with db.tx("read complete trials") as conn:
-        rows = conn.execute(select(t.c.number, t.c.weights_path).where(
-            t.c.study_id == study_id, t.c.state == "COMPLETE").order_by(t.c.number)).all()
+        q = select(t.c.number, t.c.weights_path, t.c.config).where(
+            t.c.study_id == study_id, t.c.state == "COMPLETE")
+        if _by_name(conn):  # infeasible and reused trials are never front candidates
+            q = q.where(or_(t.c.feasible.is_(None), t.c.feasible.is_(True)),
+                        t.c.reused_from.is_(None))
+        rows = conn.execute(q.order_by(t.c.number)).all()
         values = _values_by_trial(conn, study_id)
-    return [TrialValues(r.number, values.get(r.number, {}), r.weights_path) for r in rows]
+    seen: set[str] = set()
+    out = []
+    for r in rows:  # one candidate per config: the earliest trial that ran it
+        key = json.dumps(r.config, sort_keys=True) if r.config else f"#{r.number}"
+        if key not in seen:
+            seen.add(key)
+            out.append(TrialValues(r.number, values.get(r.number, {}), r.weights_path))
+    return out
 
 
 # ----------------------------------------------------------------------------- pareto

@@ -119,6 +119,10 @@ trials = Table(
     Column("finished_at", DateTime),
     Column("retries", Integer, nullable=False, default=0, server_default="0"),
     Column("placement", JSON),
+    # v3: False when a constraint was violated (NULL: none recorded, i.e. feasible); the
+    # earlier trial whose result a repeated config reused. Neither kind is ever on a front.
+    Column("feasible", Boolean),
+    Column("reused_from", Integer),
 )
 
 epoch_metrics = Table(

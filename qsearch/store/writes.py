@@ -207,14 +207,18 @@ def trial_finished(db: Database, study_id: int, number: int, *, state: str, deta
                    counted: bool, values: Mapping[str, Any] | None = None,
                    epochs_completed: int | None = None, error: str | None = None,
                    layers: list[dict[str, Any]] | None = None,
-                   weights_path: str | None = None) -> None:
+                   weights_path: str | None = None, feasible: bool | None = None,
+                   reused_from: int | None = None) -> None:
     """Final state of a trial, its values by name and its per-layer records.
 
     ``values``: the trial's values by objective name (see :func:`objective_values`); the
-    storable ones replace whatever the trial had. None keeps the stored values."""
+    storable ones replace whatever the trial had. None keeps the stored values.
+    ``feasible=False`` marks a trial that violates the study's constraints; ``reused_from``
+    a trial that reused an earlier trial's result (same config). Neither is on a front."""
     upd: dict[str, Any] = {"state": state, "detail": detail, "counted": counted,
                            "error": error, "weights_path": weights_path,
-                           "finished_at": utcnow()}
+                           "finished_at": utcnow(), "feasible": feasible,
+                           "reused_from": reused_from}
     named = _named(values) if values is not None else None
     if named is not None:
         upd.update({k: named.get(k) for k in s.LEGACY_TRIAL_VALUES})
