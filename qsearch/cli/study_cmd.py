@@ -100,7 +100,7 @@ def space(
     n = sum(d["searched"] for d in dims)
     console.print(f"search space of {study.name} ({study.model} on {study.dataset}): "
                   f"{n} searched dimension{'s' if n != 1 else ''}, "
-                  f"{len(dims) - n} fixed", highlight=False)
+                  f"{len(dims) - n} fixed", highlight=False, soft_wrap=True)
     for d in dims:
         src = f"   (from {d['from']})" if "from" in d else ""
         console.print(f"  {d['path']}: {d['distribution']}{src}", highlight=False,
