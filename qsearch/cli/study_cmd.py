@@ -116,9 +116,12 @@ def space(
             parts = [f"{k} {c[k]:g}" for k in ("min", "max") if k in c]
             console.print(f"  {c['objective']}: {', '.join(parts)}", highlight=False)
     if sensitivity:
-        t = Table(title=f"per-layer sensitivity ({doc['sensitivity']['estimator']}, "
-                        f"{doc['sensitivity']['probes']} probes x "
-                        f"{doc['sensitivity']['batches']} batches)", box=box.SIMPLE_HEAD)
+        sd = doc["sensitivity"]
+        console.print(f"per-layer sensitivity: max(tr H, 0) * mean(W^2), tr H by Hutchinson "
+                      f"({sd['probes']} Rademacher probes x {sd['batches']} batches) on the "
+                      f"{'warm-started' if sd['warm_start'] else 'initial'} model; cached in "
+                      f"{sd['cache']}", highlight=False, soft_wrap=True)
+        t = Table(box=box.SIMPLE_HEAD)
         for c in ("layer", "params", "tr(H)", "± se", "sensitivity"):
             t.add_column(c, no_wrap=True)
         for r in doc["sensitivity"]["layers"]:
