@@ -67,6 +67,12 @@ class SamplerSpec(StrictModel):
     seed: int | None = 0
     #: Extra keyword arguments for the Optuna sampler (e.g. ``population_size`` for nsga2).
     options: dict[str, Any] = Field(default_factory=dict)
+    #: Seed the study with per-layer bit assignments chosen from the warm-started model's
+    #: per-layer Hessian sensitivity (qsearch.search.sensitivity); needs per-layer
+    #: ``layers.<name or pattern>.w_bits`` dimensions in the search space.
+    sensitivity: bool = False
+    #: How many such seeds (one per average-bit budget) are enqueued before sampling.
+    sensitivity_seeds: int = Field(4, ge=1, le=64)
 
 
 class SchedulerSpec(StrictModel):
@@ -274,6 +280,11 @@ class StudySpec(StrictModel):
             if self.repeats > 1:
                 raise ConfigError("repeats", "repeats > 1 needs scheduler.type: none (a rung "
                                   "decision would see only the first seed)")
+        if self.sampler.sensitivity and not any(
+                p.startswith("layers.") and p.endswith(".w_bits") for p in self.searched()):
+            raise ConfigError("sampler.sensitivity", "seeds per-layer weight bits, but the "
+                              "search space has no layers.<name or pattern>.w_bits dimension; "
+                              "add e.g. layers.*.w_bits: {type: int, low: 2, high: 8}")
         return self
 
     # ------------------------------------------------------------------ helpers
