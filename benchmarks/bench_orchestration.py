@@ -40,7 +40,7 @@ def bench_overhead(n: int, workdir: Path) -> None:
     direct = time.perf_counter() - t
 
     t = time.perf_counter()
-    init_ray(None, num_cpus=2, quiet=True)
+    init_ray(None, num_cpus=2)
     ray_start = time.perf_counter() - t
     spec = parse_study_spec({
         "name": "bench", "storage": f"sqlite:///{workdir / 'bench.db'}", "base": base,

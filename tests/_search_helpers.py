@@ -64,7 +64,7 @@ def ray_session():
     from qsearch.search.driver import init_ray
 
     started = not ray.is_initialized()
-    init_ray(None, num_cpus=2, quiet=True)
+    init_ray(None, num_cpus=2)
     yield
     if started:
         ray.shutdown()

@@ -61,7 +61,16 @@ def _register_commands() -> None:
             importlib.import_module(f"qsearch.cli.{mod.name}")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: object = None, line: str | None = None) -> None:
+    """Warnings reach the terminal as one ``warning: ...`` line (no source line)."""
+    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _one_line_warning
     _register_commands()
     command = typer.main.get_command(app)
     try:

@@ -55,6 +55,9 @@ def launch(
     num_cpus: Annotated[Optional[int], typer.Option(
         min=1, help="CPUs for the local Ray (default: all)")] = None,
     quiet: Annotated[bool, typer.Option(help="no live table; print one summary line")] = False,
+    verbose: Annotated[bool, typer.Option(
+        help="library logs (Optuna, Ray, Tune) on the terminal instead of the study's "
+             "driver.log")] = False,
 ) -> None:
     """Run or resume a study until its trial budget is used up."""
     # The spec is checked in full before anything is written (no database, no folder): its
@@ -66,11 +69,17 @@ def launch(
 
     study = load_study_spec(spec, storage=storage or os.environ.get("QSEARCH_STORAGE"), name=name)
     check_launch(study, ray_address=ray_address, num_cpus=num_cpus)
+    from qsearch.search.driver import artifacts_dir
+    from qsearch.search.logs import route_logs
+
+    log_file = route_logs(artifacts_dir(study) / study.name / "driver.log", verbose=verbose)
     r = run_launch(study, ray_address=ray_address, num_cpus=num_cpus, display=not quiet,
                    console=console)
+    if log_file is not None:
+        console.print(f"library logs: {log_file}", highlight=False, style="dim")
     console.print(f"study {r.study}: {r.status}; {r.counted} trials counted "
                   f"({r.complete} complete, {r.pruned} pruned, {r.failed} failed, "
-                  f"{r.lost} lost) in {r.wall_s:.1f} s", highlight=False)
+                  f"{r.lost} lost) in {r.wall_s:.1f} s", highlight=False, soft_wrap=True)
     if r.status == "interrupted":
         again = f"qsearch launch {spec}" + (f" --name {name}" if name else "") + \
             (f" --storage {storage}" if storage else "")

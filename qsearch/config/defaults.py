@@ -23,6 +23,9 @@ ENV_VARS: dict[str, str] = {
     "QSEARCH_DB_POOL_SIZE": "connections kept per process on PostgreSQL (default 5)",
     "QSEARCH_DB_MAX_OVERFLOW": "extra connections allowed under load (default 5)",
     "QSEARCH_LEASE_TIMEOUT_S": "seconds without heartbeat before a driver lease is stale (60)",
+    "QSEARCH_RESOURCE_WAIT_S": "seconds a study waits for an autoscaling cluster to offer a "
+                               "node that fits one trial (default 0: fail at once)",
+    "QSEARCH_NO_COMPILE": "1 turns off the torch.compile'd quantizer kernels (eager fallback)",
 }
 
 

@@ -97,8 +97,31 @@ def dataset_entry(name: str) -> DatasetEntry:
     return _DATASETS[name]
 
 
+#: In-memory bundles already loaded by this process, by (dataset, options). Ray Tune reuses
+#: a worker process for the next trial (``reuse_actors``), so a study's trials after the
+#: first on each worker skip the loading and preprocessing. Bundles are never mutated.
+_LOADED: dict[tuple[str, str], DatasetBundle] = {}
+_MAX_CACHED = 4
+
+
+def _options_key(options: Any) -> str:
+    dump = getattr(options, "model_dump_json", None)
+    return dump() if callable(dump) else repr(options)
+
+
 def load_dataset(name: str, options: Any) -> DatasetBundle:
-    return dataset_entry(name).loader(options)
+    """The dataset ``name`` with ``options`` (a DataConfig); in-memory tensor datasets are
+    kept per process, so a reused worker does not load them again."""
+    key = (name, _options_key(options))
+    hit = _LOADED.get(key)
+    if hit is not None:
+        return hit
+    bundle = dataset_entry(name).loader(options)
+    if isinstance(bundle.train, TensorDataset):
+        if len(_LOADED) >= _MAX_CACHED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = bundle
+    return bundle
 
 
 def iterate_batches(

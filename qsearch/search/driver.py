@@ -109,7 +109,7 @@ def _check_storage_url(spec: StudySpec) -> None:
                           "driver and Optuna; use a file, e.g. sqlite:///qsearch.db")
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start (or reuse) Ray. Locally this always starts a private instance
     (``address="local"``, GCS on a free port, no dashboard), so it neither joins a stray
     cluster nor collides with a Redis on 6379; ``address`` connects to a cluster."""
@@ -127,8 +127,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, quiet: boo
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Without Tune's file loggers, its end-of-run analysis warns that result.json is absent.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    # configure_logging=False: Ray's lines reach the root logger, which route_logs sends to
+    # the study's driver.log (the terminal keeps qsearch's own lines); workers' own output
+    # stays in Ray's session logs (log_to_driver=False), the trials' results reach the store.
     kwargs: dict[str, Any] = {"include_dashboard": False, "ignore_reinit_error": True,
-                              "log_to_driver": not quiet}
+                              "log_to_driver": False, "configure_logging": False}
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -292,7 +295,9 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
 
     from qsearch.search.callback import StoreCallback
     from qsearch.search.display import LiveDisplay
+    from qsearch.search.expand import expand_search_space
     from qsearch.search.known import known_values
+    from qsearch.search.preflight import check_cluster
     from qsearch.search.searcher import StudySearcher
     from qsearch.search.trainable import run_trial
 
@@ -328,12 +333,17 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
             status = "finished"
             return _result(spec.name, study, status, t0)
 
-        init_ray(ray_address, num_cpus, quiet=display)
+        init_ray(ray_address, num_cpus)
+        check_cluster(spec)  # what a trial asks for against the nodes (waits if autoscaling)
+        # Layer patterns (layers.*.w_bits) become one dimension per layer of the model.
+        run_spec = with_absolute_cache(expand_search_space(spec))
         n_before = len(study.trials)
-        sampler = build_sampler(spec, seed_offset=n_before)
+        sampler = build_sampler(run_spec, seed_offset=n_before)
         # The same study, loaded with the spec's sampler (seeded past the trials it holds).
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
-        searcher = StudySearcher(with_absolute_cache(spec), study, storage, optuna_space(spec),
+        if run_spec.sampler.sensitivity and n_before == 0:
+            enqueue_sensitivity_seeds(run_spec, study)
+        searcher = StudySearcher(run_spec, study, storage, optuna_space(run_spec),
                                  budget=remaining, known=known_values)
         view = LiveDisplay(spec.name, spec.budget.num_trials, done, console=console,
                            enabled=display)
@@ -349,7 +359,8 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=searcher, scheduler=build_scheduler(spec), num_samples=remaining,
+                search_alg=searcher, scheduler=build_scheduler(run_spec),
+                num_samples=remaining,
                 max_concurrent_trials=spec.budget.max_concurrent,
                 time_budget_s=spec.budget.time_limit_s, reuse_actors=True),
             run_config=tune.RunConfig(
@@ -384,6 +395,20 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         except StorageError as e:  # pragma: no cover - the lease goes stale on its own
             log.warning("could not release the driver lease: %s", e)
         store.dispose()
+
+
+def enqueue_sensitivity_seeds(spec: StudySpec, study: optuna.Study) -> list[dict[str, Any]]:
+    """First trials of a new study that spend bits where the warm-started model is most
+    sensitive (Hutchinson per-layer Hessian traces, cached beside the warm start); the
+    sampler takes over after them."""
+    from qsearch.search.sensitivity import layer_sensitivity, seed_configs
+
+    seeds = seed_configs(spec, layer_sensitivity(spec.base_config()),
+                         spec.sampler.sensitivity_seeds)
+    for params in seeds:
+        study.enqueue_trial(params, skip_if_exists=True)
+    log.info("study %s: %d sensitivity-guided first trials enqueued", spec.name, len(seeds))
+    return seeds
 
 
 def _deferred(callback: Any) -> Any:

@@ -157,6 +157,22 @@ class StudySearcher(Searcher):
                 self._complete.setdefault(key, (t.number, dict(zip(self.objectives, t.values)),
                                                 {}))
 
+    # Tune pickles its searcher with the experiment state (and may checkpoint it). A study
+    # resumes from its Optuna storage, never from Tune's snapshot, and the live study,
+    # storage and sampler (some hold locks) do not travel: only bookkeeping is kept.
+    def __getstate__(self) -> dict[str, Any]:
+        return {"objectives": self.objectives, "proposed": self.proposed,
+                "reused": self.reused, "skipped": self.skipped}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Nothing to save: the study's state lives in its Optuna storage."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Nothing to restore: a relaunch reloads the study from its Optuna storage."""
+
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict,
                               **spec: Any) -> bool:
         """The space comes from the study spec, not from Tune's ``param_space``."""

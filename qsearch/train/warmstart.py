@@ -81,6 +81,21 @@ def train_float(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -> 
     return model, acc
 
 
+_READ: dict[tuple[str, int, int], dict] = {}
+
+
+def _read_cached(path: Path) -> dict:
+    """``torch.load`` of a warm-start file, kept per process by (path, size, mtime): a reused
+    worker reads it once. Callers copy the state dict into a model (never mutate it)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _READ:
+        if len(_READ) >= 4:
+            _READ.pop(next(iter(_READ)))
+        _READ[key] = torch.load(path, map_location="cpu", weights_only=True)
+    return _READ[key]
+
+
 def load_or_train(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -> WarmStart:
     d = cfg.warm_start.resolved_cache_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -89,7 +104,7 @@ def load_or_train(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             try:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
+                blob = _read_cached(path)
                 return WarmStart(blob["state_dict"], path, False, float(blob["accuracy"]))
             except Exception as e:  # noqa: BLE001 - a torn cache file is retrained
                 log.warning("warm-start cache %s unreadable (%s); retraining", path, e)
