@@ -16,7 +16,8 @@ import pytest
 from qsearch.data import list_datasets
 from qsearch.models import list_models
 
-JSON_KEYS = {"accuracy", "size_mb", "bops", "backward_cost", "epochs", "wall_s"}
+JSON_KEYS = {"accuracy", "size_mb", "bops", "backward_cost", "backward_flops", "backward_time",
+             "backward_time_ratio", "backward_bops", "epochs", "wall_s"}
 
 
 def _run(*args: str, cache: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -70,6 +71,23 @@ def test_acceptance_tiny_cnn_digits_w4a4(cache):
     assert 0 < out["size_mb"] < 0.05
     assert out["bops"] > 0
     assert 0 < out["backward_cost"] < 0.5
+    # ... in the modelled bit-ops only: what executes is FP32 (fake-quantized) GEMMs, plus the
+    # first layer's dX that LSQ's activation step needs.
+    assert out["backward_bops"] == out["backward_cost"]
+    assert 1.0 < out["backward_flops"] < 1.02
+    assert out["backward_time"] > 0 and out["backward_time_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_json_prints_counted_and_executed_lts_savings(cache):
+    proc = _run("train", "--set", "model=tiny-cnn", "--set", "dataset=digits",
+                "--set", "epochs=2", "--set", "w_bits=2", "--set", "a_bits=2",
+                "--set", "methods.lts.enabled=true", "--set", "methods.lts.granularity=channel",
+                "--json", cache=cache)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"lts.flops_saved_counted", "lts.flops_saved_executed"} <= out.keys()
+    assert out["lts.flops_saved_executed"] <= out["lts.flops_saved_counted"] + 1e-3
 
 
 def test_bad_bits_exit_2_with_one_line(cache):

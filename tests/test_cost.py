@@ -80,10 +80,13 @@ def test_tiny_cnn_cost_by_hand():
     assert cost.size_mb == pytest.approx(
         (sum(n * w for _, n, w, _ in layers) + 32 * extra) / 8 / 1e6, rel=1e-12)
     assert cost.bops == sum(m * w * a for m, _, w, a in layers)
-    # backward at FP32 gradients: dX (not for the first layer) + dW
-    bwd = sum((0 if i == 0 else m * 32 * w) + m * 32 * a for i, (m, _, w, a) in enumerate(layers))
-    fp32 = sum(m * 32 * 32 * (1 if i == 0 else 2) for i, (m, *_rest) in enumerate(layers))
-    assert cost.backward_cost == pytest.approx(bwd / fp32, rel=1e-12)
+    # Backward bit-ops at FP32 gradients, worked out by hand (dX skipped for the first layer):
+    #   stem dW 18432*32*8 = 4,718,592; conv2 dX+dW 2*1,179,648*32*4 = 301,989,888;
+    #   conv3 dX+dW 2*589,824*32*4 = 150,994,944; fc dX+dW 2*640*32*8 = 327,680.
+    assert cost.backward_bops == 458_031_104
+    #   FP32: 18432*1024 + (1,179,648 + 589,824 + 640)*2048
+    assert cost.fp32_backward_bops == 3_644_063_744
+    assert cost.backward_cost == pytest.approx(0.125692, abs=1e-6)  # W4A4 "costs" 1/8 of FP32
     assert cost.bwd_flops_saved == 0.0
 
 
@@ -95,13 +98,38 @@ def test_compute_cost_gradient_bits_and_freezing_formula():
                   frozen_fraction=0.25),
     ]
     cost = compute_cost(rows, extra_params=7, extra_backward_bops=11.0)
-    assert cost.size_mb == pytest.approx((100 * 8 + 200 * 2 + 32 * 7) / 8e6)
-    assert cost.bops == 1000 * 64 + 3000 * 8
-    bwd = 11 + (1000 * 8 * 8 * 0.5) + (3000 * 4 * 2 + 3000 * 4 * 4 * 0.75)
-    assert cost.backward_bops == pytest.approx(bwd)
-    assert cost.fp32_backward_bops == 1000 * 1024 + 3000 * 1024 * 2
-    assert cost.backward_cost == pytest.approx(bwd / (1000 * 1024 + 3000 * 2048))
-    assert cost.bwd_flops_saved == pytest.approx((0.5 * 1000 + 0.25 * 3000) / (2 * 4000))
+    # Worked out by hand (not the formula restated): 1424 bits; 64,000 + 24,000 BOPs;
+    # backward 11 + a.dW 32,000 (half frozen, no dX: first) + b.dX 24,000 + b.dW 36,000.
+    assert cost.size_mb == pytest.approx(178e-6)
+    assert cost.bops == 88_000
+    assert cost.backward_bops == pytest.approx(92_011)
+    assert cost.fp32_backward_bops == 7_168_000
+    assert cost.backward_cost == pytest.approx(92_011 / 7_168_000)
+    assert cost.bwd_flops_saved == pytest.approx(0.15625)  # (500 + 750) / 8000
+    # Freezing removes only dW: everything frozen leaves the extras and b's dX.
+    for r in rows:
+        r.frozen_fraction = 1.0
+    assert compute_cost(rows, 7, 11.0).backward_bops == pytest.approx(11 + 24_000)
+
+
+def test_modelled_fp32_denominator_is_the_executed_fp32_backward():
+    """Two independent paths to the same FP32 training backward: the cost model's denominator
+    (bit-ops / 32^2, in MACs) and the FLOPs the trainer's meter counts on a real FP32 step
+    (2 per MAC) — so backward_bops and backward_flops share their 1.0."""
+    from qsearch.quant.flops import FlopMeter, FlopTotals
+    from qsearch.train.costs import fp32_backward_flops_per_sample
+
+    model = build_model("resnet20", 10, 3)
+    rows = layer_costs(model, (3, 32, 32))
+    cost = compute_cost(rows, 0)
+    macs = count_macs(model, (3, 32, 32))
+    assert 2 * cost.fp32_backward_bops / 1024 == fp32_backward_flops_per_sample(macs)
+    totals = FlopTotals()
+    model.train()
+    with FlopMeter(totals, model):
+        torch.nn.functional.cross_entropy(model(torch.randn(3, 3, 32, 32)),
+                                          torch.tensor([1, 2, 3])).backward()
+    assert totals.backward == 3 * fp32_backward_flops_per_sample(macs)
 
 
 MODELS = [("tiny-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("mobilenetv2", (3, 32, 32))]

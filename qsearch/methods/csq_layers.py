@@ -115,6 +115,20 @@ class BitPlaneLayer(nn.Module):
         coef = self.exps * self.gate_values()
         return self.scale * torch.tensordot(coef, diff, dims=1)
 
+    def weight_gemm_flops(self) -> tuple[int, int]:
+        """(forward, backward) FLOPs of building the weight from the planes in a training
+        step: :meth:`planes_weight` is one ``[P] x [P, N]`` product, and its backward one
+        such product per side that needs a gradient (gates before the ticket; bit logits).
+        Counted by :mod:`qsearch.quant.flops` beside the layer's conv/linear GEMMs."""
+        n = 2 * self.planes * self.numel
+        bwd = 0
+        if torch.is_grad_enabled():
+            if not self.hard and self.gates.requires_grad:
+                bwd += n
+            if self.pbits.requires_grad or self.nbits.requires_grad:
+                bwd += n
+        return n, bwd
+
     def set_pattern(self, pattern: list[int]) -> None:
         """Draw the ticket: gates become the hard 0/1 ``pattern`` (MSB first)."""
         self.mask.copy_(torch.tensor(pattern, dtype=self.mask.dtype))

@@ -7,9 +7,23 @@ with ``d <= theta_t`` freeze for good. A frozen element does not change at all: 
 is zeroed, its value is restored after the optimizer step (so weight decay and momentum
 cannot move it) and its optimizer state is zeroed.
 
-Savings are real, not only counted: a conv/linear output channel whose weights are all
-frozen is left out of the weight-gradient GEMM (``layer.backward.dw_channels``), and a fully
-frozen layer stops requiring grad, so autograd skips its weight-gradient GEMM entirely.
+With ``granularity: channel`` the decision is made per output channel instead: a channel
+freezes as a unit when the mean (or max, ``channel_reduce``) of its elements' EMA distances is
+``<= theta_t``.
+
+What is skipped, and what is only counted. The backward leaves out the weight-gradient GEMM
+rows of output channels that are frozen whole (``layer.backward.dw_channels``: one smaller
+GEMM over the unfrozen rows), and a fully frozen layer stops requiring grad, so autograd skips
+its dW GEMM entirely. Element-level freezing inside a channel saves nothing that runs. Two
+figures are therefore reported side by side:
+
+* ``flops_saved_counted`` (the paper's convention, also ``bwd_flops_saved``):
+  ``sum_l rho_l * MACs_l / sum_l 2 * MACs_l``, every frozen *element* counted as a saved dW
+  multiply-accumulate. Only the modelled ``backward_bops`` uses it.
+* ``flops_saved_executed``: the dW FLOPs that really did not run (measured by the trainer's
+  FLOP meter, :mod:`qsearch.quant.flops`) over the same dense backward. This is what
+  ``backward_flops`` sees. With ``granularity: channel`` the two agree (up to grouped convs,
+  whose dW is computed in full); with ``element`` the executed one is usually far smaller.
 
 All per-element state (mask, EMA, previous levels, frozen-time accumulator) lives in buffers
 on the quantized layers, hence in the model's ``state_dict``; the step counter is in
@@ -94,6 +108,24 @@ def freeze(mask: torch.Tensor, dist: torch.Tensor, theta: float | None) -> int:
     return n
 
 
+@torch.no_grad()
+def freeze_channels(mask: torch.Tensor, dist: torch.Tensor, theta: float | None,
+                    reduce: str = "mean") -> int:
+    """Channel granularity: freeze (permanently, as a unit) every output channel whose
+    ``reduce`` (mean or max) of its elements' EMA distances is ``<= theta``; returns how many
+    elements newly froze."""
+    if theta is None:
+        return 0
+    d = dist.reshape(dist.shape[0], -1)
+    cd = d.mean(dim=1) if reduce == "mean" else d.amax(dim=1)
+    rows = mask.reshape(mask.shape[0], -1)
+    new = (cd <= theta) & ~rows.all(dim=1)
+    n = int(new.sum())
+    if n:
+        rows[new] = True  # a view of ``mask``
+    return n * rows.shape[1]
+
+
 # ----------------------------------------------------------------------------- the method
 
 
@@ -111,6 +143,7 @@ class LTS(Method):
         self._saved: dict[str, torch.Tensor] = {}
         self._any_frozen: dict[str, bool] = {}  # per layer; recomputed when the mask changes
         self._macs: dict[str, int] | None = None
+        self._samples0 = 0  # trained samples before LTS's first step (a CSQ stage)
 
     # -- set-up ------------------------------------------------------------------------
     def attach(self, ctx: TrainContext) -> None:
@@ -122,6 +155,8 @@ class LTS(Method):
             q.register_buffer("lts_prev", torch.zeros_like(w, dtype=torch.int8))
             # Sum over steps of the layer's frozen fraction (time average = this / t).
             q.register_buffer("lts_frozen_steps", torch.zeros((), dtype=torch.float64, device=w.device))
+        if getattr(ctx, "costs", None) is not None:
+            self._samples0 = int(ctx.costs.flops.samples)
         qat_epochs = max(1, ctx.config.epochs - ctx.qat_start_epoch)
         self.total = qat_epochs * ctx.steps_per_epoch
         self.warmup = int(self.config.warmup_frac * self.total)
@@ -138,7 +173,11 @@ class LTS(Method):
             ema_update(q.lts_dist, err, lv, q.lts_prev, cfg.momentum, first=self.t == 0)
             q.lts_prev.copy_(lv)
             # Host syncs only after the warm-up, and the layout only when the mask changed.
-            if freeze(q.lts_frozen, q.lts_dist, theta) or name not in self._any_frozen:
+            if cfg.granularity == "channel":
+                changed = freeze_channels(q.lts_frozen, q.lts_dist, theta, cfg.channel_reduce)
+            else:
+                changed = freeze(q.lts_frozen, q.lts_dist, theta)
+            if changed or name not in self._any_frozen:
                 self._any_frozen[name] = _apply_layout(q)
             q.lts_frozen_steps += q.lts_frozen.float().mean().double()
         self.t += 1
@@ -188,30 +227,61 @@ class LTS(Method):
         cur = self.frozen_fractions()
         sizes = {n: q.weight.numel() for n, q in self.layers.items()}
         overall = sum(cur[n] * sizes[n] for n in cur) / max(1, sum(sizes.values()))
+        counted = self.bwd_flops_saved(ctx)
         out = {"frozen_fraction": overall, "updates_eliminated": self.updates_eliminated(),
-               "bwd_flops_saved": self.bwd_flops_saved(ctx)}
+               "bwd_flops_saved": counted, "flops_saved_counted": counted,
+               "flops_saved_executed": self.flops_saved_executed(ctx),
+               "frozen_channel_fraction": self.frozen_channel_fraction()}
         out.update({f"frozen_fraction.{n}": v for n, v in cur.items()})
         return out
 
-    def bwd_flops_saved(self, ctx: TrainContext) -> float:
-        """LTS convention (METHODS.md §7): sum rho_l*MACs_l / sum 2*MACs_l over conv/linear."""
+    def _layer_macs(self, ctx: TrainContext) -> dict[str, int]:
         if self._macs is None:
             from qsearch.cost import count_macs
 
             self._macs = count_macs(ctx.model, ctx.input_shape)
+        return self._macs
+
+    def bwd_flops_saved(self, ctx: TrainContext) -> float:
+        """*Counted* saving, the LTS paper's convention (METHODS.md §7): sum rho_l*MACs_l /
+        sum 2*MACs_l over conv/linear — every frozen element is credited with its dW MACs,
+        whether or not the backward can leave them out. Also ``flops_saved_counted``."""
+        macs = self._layer_macs(ctx)
         rho = self.time_averaged()
-        total = sum(self._macs.values())
-        return sum(rho.get(n, 0.0) * m for n, m in self._macs.items()) / max(1, 2 * total)
+        total = sum(macs.values())
+        return sum(rho.get(n, 0.0) * m for n, m in macs.items()) / max(1, 2 * total)
+
+    def flops_saved_executed(self, ctx: TrainContext) -> float:
+        """*Executed* saving: dW FLOPs that did not run during LTS's steps (frozen output
+        channels and layers, as the trainer's FLOP meter recorded them) over the dense
+        backward those steps would have run, ``sum_l 2 * 2 * MACs_l`` per sample (the same
+        denominator as the counted figure). 0 without the trainer's meter."""
+        costs = getattr(ctx, "costs", None)
+        if costs is None:
+            return 0.0
+        samples = costs.flops.samples - self._samples0
+        dense = 4.0 * sum(self._layer_macs(ctx).values()) * samples
+        return float(costs.flops.dw_skipped / dense) if dense > 0 else 0.0
+
+    def frozen_channel_fraction(self) -> float:
+        """Share of all output channels (of LTS's layers) frozen whole, now."""
+        frozen = total = 0
+        for q in self.layers.values():
+            m = q.lts_frozen.reshape(q.lts_frozen.shape[0], -1)
+            frozen += int(m.all(dim=1).sum())
+            total += m.shape[0]
+        return frozen / max(1, total)
 
     def layer_stats(self, ctx: TrainContext) -> dict[str, dict[str, float]]:
         return {n: {"frozen_fraction": v} for n, v in self.time_averaged().items()}
 
     # -- resume ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t}
+        return {"t": self.t, "samples0": self._samples0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t = int(state.get("t", 0))
+        self._samples0 = int(state.get("samples0", 0))
         self._any_frozen = {n: _apply_layout(q) for n, q in self.layers.items()}
 
 

@@ -31,6 +31,12 @@ class LTSConfig(MethodConfig):
     rate: float = Field(0.1, gt=0.0, le=1.0, description="threshold for mode=fixing (levels)")
     warmup_frac: float = Field(0.2, ge=0.0, lt=1.0, description="T_w as a fraction of steps")
     momentum: float = Field(0.99, gt=0.0, lt=1.0, description="EMA momentum m")
+    #: ``element``: each weight freezes on its own (the paper's rule); the backward skips only
+    #: output channels that happen to be frozen whole. ``channel``: an output channel freezes
+    #: as a unit when the ``channel_reduce`` (mean or max) of its elements' EMA distances is
+    #: <= theta, so every frozen weight's dW row really is left out of the GEMM.
+    granularity: Literal["element", "channel"] = "element"
+    channel_reduce: Literal["mean", "max"] = "mean"
 
     def check(self, trial: TrialConfig) -> None:
         require_quantized_weights(trial, "lts")

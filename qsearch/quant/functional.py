@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from qsearch.quant import flops
 
 GradTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,10 +33,14 @@ class BackwardOptions:
     grad_dx: GradTransform | None = None
     grad_dw: GradTransform | None = None
     dw_channels: torch.Tensor | None = None
+    #: INT8 backward GEMMs on CUDA (:class:`qsearch.quant.int8_gemm.Int8GradGemm`), used
+    #: instead of grad_dx/grad_dw where it applies; None: fake-quantized FP32 GEMMs.
+    int8: Any = None
 
     @property
     def active(self) -> bool:
-        return self.grad_dx is not None or self.grad_dw is not None or self.dw_channels is not None
+        return (self.grad_dx is not None or self.grad_dw is not None
+                or self.dw_channels is not None or self.int8 is not None)
 
 
 def _transformed(opts: BackwardOptions, gy: torch.Tensor, need_dx: bool, need_dw: bool):
@@ -63,6 +70,13 @@ class _CustomConv2d(torch.autograd.Function):
         stride, padding, dilation, groups, opts, has_bias = ctx.conf
         gx = gw = gb = None
         need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
+        _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, opts.dw_channels,
+                         w.shape[0], groups, w.shape[1])
+        if opts.int8 is not None and opts.int8.usable(x, groups):
+            gx, gw, gb = opts.int8.conv(
+                x, w, gy, stride, padding, dilation, ctx.needs_input_grad[0],
+                ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2], opts.dw_channels)
+            return gx, gw, gb, None, None, None, None, None
         g_dx, g = _transformed(opts, gy, ctx.needs_input_grad[0], need_dw)
         if g is not None and g_dx is g and opts.dw_channels is None:
             # One dY for all three gradients: a single fused call, as plain autograd makes.
@@ -123,6 +137,12 @@ class _CustomLinear(torch.autograd.Function):
         opts, has_bias = ctx.conf
         gx = gw = gb = None
         need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
+        _record_backward(gy.numel() * w.shape[1], ctx.needs_input_grad, opts.dw_channels,
+                         w.shape[0])
+        if opts.int8 is not None and opts.int8.usable(x):
+            return (*opts.int8.linear(x, w, gy, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                      has_bias and ctx.needs_input_grad[2], opts.dw_channels),
+                    None)
         g_dx, g = _transformed(opts, gy, ctx.needs_input_grad[0], need_dw)
         if ctx.needs_input_grad[0]:
             gx = g_dx @ w
@@ -143,13 +163,37 @@ class _CustomLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _record_backward(macs: int, needs: tuple[bool, ...], channels: torch.Tensor | None,
+                     out_channels: int, groups: int = 1, in_per_group: int = 1) -> None:
+    """Tell the active :class:`~qsearch.quant.flops.FlopMeter` which GEMMs this backward runs:
+    dX when the input needs a gradient, and the ``dw_channels`` rows of dW when the weight
+    does (:func:`~qsearch.quant.flops.dw_rows` is the rule both branches below follow)."""
+    meter = flops.current()
+    if meter is None:
+        return
+    share = 0.0
+    if needs[1]:
+        share = flops.dw_rows(channels, out_channels, groups, in_per_group) / out_channels
+    meter.quant_backward(macs, bool(needs[0]), share)
+
+
 def conv2d(x, w, b, stride, padding, dilation, groups, opts: BackwardOptions) -> torch.Tensor:
     if not opts.active:
-        return F.conv2d(x, w, b, stride, padding, dilation, groups)
-    return _CustomConv2d.apply(x, w, b, stride, padding, dilation, groups, opts)
+        out = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    else:
+        out = _CustomConv2d.apply(x, w, b, stride, padding, dilation, groups, opts)
+    meter = flops.current()
+    if meter is not None:
+        meter.quant_forward(flops.conv_macs(out, w), x, w, custom=opts.active)
+    return out
 
 
 def linear(x, w, b, opts: BackwardOptions) -> torch.Tensor:
     if not opts.active:
-        return F.linear(x, w, b)
-    return _CustomLinear.apply(x, w, b, opts)
+        out = F.linear(x, w, b)
+    else:
+        out = _CustomLinear.apply(x, w, b, opts)
+    meter = flops.current()
+    if meter is not None:
+        meter.quant_forward(flops.linear_macs(out, w), x, w, custom=opts.active)
+    return out

@@ -27,6 +27,10 @@ class QuantLayer(nn.Module):
     weight: nn.Parameter
     backward: BackwardOptions
     weight_transform: WeightTransform | None
+    #: Its GEMMs are counted by :mod:`qsearch.quant.functional` (which sees the quantized
+    #: operands and the skipped dW channels), not by the generic module hook of
+    #: :mod:`qsearch.quant.flops`.
+    counts_own_flops = True
 
     def _init_quant(self, w_bits: int, a_bits: int, a_signed: bool | None) -> None:
         self.w_quant = LSQQuantizer(w_bits, "weight")
