@@ -91,7 +91,7 @@ def test_quickstart_spec_is_valid():
     assert {"val_accuracy", "size_mb"} <= set(spec.objectives) and len(spec.objectives) == 3
     assert spec.scheduler.metric == "val_accuracy"
     assert {"w_bits", "a_bits", "first_bits", "last_bits", "lr"} <= set(spec.searched())
-    assert spec.scheduler.type == "asha" and spec.budget.max_concurrent == 2
+    assert spec.scheduler.type == "pareto" and spec.budget.max_concurrent == 2
 
 
 @pytest.mark.parametrize("bad", [
