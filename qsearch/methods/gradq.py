@@ -39,6 +39,7 @@ from torch import nn
 from qsearch.errors import ConfigError
 from qsearch.methods.gradq_config import GradQConfig
 from qsearch.methods.plugin import Method
+from qsearch.quant import fused
 
 if TYPE_CHECKING:
     from qsearch.quant import QuantLayer
@@ -52,40 +53,9 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 # ----------------------------------------------------------------------------- quantizer
 
 
-def sr_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale, lowest level, highest level) of an asymmetric ``bits``-bit grid covering
-    ``[min(lo, 0), max(hi, 0)]`` with 0 exactly on a level (elementwise over ``lo``/``hi``).
-
-    The zero point is ``round(n * -lo / (hi - lo))`` (``n = 2^b - 1``), kept in ``[1, n-1]``
-    when the range has both signs so each sign has at least one level; the scale is then the
-    smallest that still reaches both ends, so no value is ever clipped.
-    """
-    n = float(2**bits - 1)
-    lo = lo.clamp(max=0.0)
-    hi = hi.clamp(min=0.0)
-    span = (hi - lo).clamp_min(torch.finfo(hi.dtype).tiny)
-    zp = (-lo / span * n).round()
-    zp = torch.where(lo < 0, zp.clamp_min(1.0), zp)
-    zp = torch.where(hi > 0, zp.clamp_max(n - 1.0), zp)
-    scale = torch.maximum(-lo / zp.clamp_min(1.0), hi / (n - zp).clamp_min(1.0))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero: any scale works
-    return scale, -zp, n - zp
-
-
-def _minmax(g: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of ``g`` over everything but dimension ``keep`` (None: the whole tensor),
-    shaped to broadcast against ``g``."""
-    if keep is None:
-        return torch.aminmax(g)
-    keep = keep % g.dim()
-    shape = [1] * g.dim()
-    shape[keep] = g.shape[keep]
-    if keep == 0:  # (aminmax with dim= is several times slower than amin + amax on CPU)
-        g2 = g.reshape(g.shape[0], -1)
-        return g2.amin(dim=1).reshape(shape), g2.amax(dim=1).reshape(shape)
-    dims = tuple(d for d in range(g.dim()) if d != keep)
-    return g.amin(dim=dims, keepdim=True), g.amax(dim=dims, keepdim=True)
+# The grid and the min/max live with the fused kernel, which compiles the same functions.
+sr_grid = fused.sr_grid
+_minmax = fused.minmax
 
 
 def uniform_noise(g: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -117,6 +87,9 @@ def sr_quantize(g: torch.Tensor, bits: int, keep: int | None = None,
     """
     if bits >= FP32_BITS:
         return g
+    out = fused.sr_quantize(g, bits, keep, generator)
+    if out is not None:  # one compiled loop, noise generated inside it
+        return out
     lo, hi = _minmax(g, keep)
     scale, qmin, qmax = sr_grid(lo, hi, bits)
     out = uniform_noise(g, generator)

@@ -8,6 +8,13 @@ which computes the rounding anyway, also writes the in-range mask and the per-el
 derivative, and the backward is one multiply and one dot product (measured in
 benchmarks/bench_trainer.py). The naive "grad_scale + round_pass" autograd formulation costs
 about twice as many passes and sums the step gradient from two large, cancelling terms.
+
+Where ``torch.compile`` works (see :mod:`qsearch.quant.fused`), the forward and the backward
+are each one compiled loop instead: the forward writes only the output, and the backward
+recomputes the mask and the step derivative from the saved input (which the preceding ReLU
+or the weight parameter keeps alive anyway) while it writes the input gradient and sums the
+step gradient. Same values as the eager function (the step gradient up to float32 summation
+order), fewer passes, and no mask or derivative tensors kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import math
 
 import torch
 from torch import nn
+
+from qsearch.quant import fused
 
 
 def level_bounds(bits: int, signed: bool) -> tuple[int, int]:
@@ -60,10 +69,55 @@ class _LSQFunction(torch.autograd.Function):
         return grad_v, grad_s, None, None, None
 
 
+class _LSQFusedFunction(torch.autograd.Function):
+    """:class:`_LSQFunction` on the compiled kernels of :mod:`qsearch.quant.fused`."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float):  # type: ignore[override]
+        lo, hi = fused.bounds(qn, qp, v)
+        out = fused.lsq_forward(v.reshape(-1), s, lo, hi).view(v.shape)
+        ctx.save_for_backward(v, s)
+        ctx.conf = (lo, hi, g)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        v, s = ctx.saved_tensors
+        lo, hi, g = ctx.conf
+        need_v, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        args = (grad.reshape(-1), v.reshape(-1), s, lo, hi)
+        grad_v = grad_s = None
+        if need_v and need_s:
+            grad_v, grad_s = fused.run_or_eager(fused.lsq_backward, *args)
+        elif need_v:
+            grad_v = fused.run_or_eager(fused.lsq_backward_v, *args)
+        elif need_s:
+            grad_s = fused.run_or_eager(fused.lsq_backward_s, *args)
+        if grad_v is not None:
+            grad_v = grad_v.view(v.shape)
+        if grad_s is not None:
+            grad_s = grad_s.mul_(g).to(s.dtype)
+        return grad_v, grad_s, None, None, None
+
+
 def lsq_quantize(v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
     """Functional LSQ fake quantization with the LSQ gradients."""
+    # Small tensors (most weights) stay eager: a compiled call costs more than their passes.
+    use_fused = v.numel() >= fused.LSQ_MIN_NUMEL and fused.lsq_forward.usable(v)
     if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):
+        if use_fused:
+            try:
+                return _LSQFusedFunction.apply(v, s, qn, qp, g)
+            except fused.CompileFailed:
+                pass
         return _LSQFunction.apply(v, s, qn, qp, g)
+    if use_fused:
+        try:
+            with torch.no_grad():
+                lo, hi = fused.bounds(qn, qp, v)
+                return fused.lsq_forward(v.reshape(-1), s.detach(), lo, hi).view(v.shape)
+        except fused.CompileFailed:
+            pass
     # Inference (evaluation, level counting): the same values, nothing kept for a backward.
     s0 = s.detach().reshape(())
     return (v * s0.reciprocal()).clamp_(-qn, qp).round_().mul_(s0)

@@ -1,0 +1,278 @@
+"""Fused (compiled) fake-quantization kernels of qsearch.quant.fused against the eager
+reference implementations: LSQ values and gradients, the stochastic-rounding gradient
+quantizer's values given the same noise, its unbiasedness and seeding, and the eager fallback.
+
+The references below are literal copies of the eager implementations the kernels replace, so
+a change to a kernel cannot also change what it is compared with."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from qsearch.methods.gradq import sr_quantize
+from qsearch.quant import fused
+from qsearch.quant.lsq import _LSQFunction, _LSQFusedFunction, level_bounds, lsq_quantize
+
+needs_compile = pytest.mark.skipif(not fused.compile_enabled("cpu"),
+                                   reason="torch.compile unavailable (no C++ compiler?)")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _ref_grid(lo, hi, bits):
+    """The eager quantizer's grid (qsearch.methods.gradq.sr_grid before the fused kernels)."""
+    n = float(2**bits - 1)
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    span = (hi - lo).clamp_min(torch.finfo(hi.dtype).tiny)
+    zp = (-lo / span * n).round()
+    zp = torch.where(lo < 0, zp.clamp_min(1.0), zp)
+    zp = torch.where(hi > 0, zp.clamp_max(n - 1.0), zp)
+    scale = torch.maximum(-lo / zp.clamp_min(1.0), hi / (n - zp).clamp_min(1.0))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, -zp, n - zp
+
+
+def _ref_minmax(g, keep):
+    if keep is None:
+        return torch.aminmax(g)
+    dims = tuple(d for d in range(g.dim()) if d != keep % g.dim())
+    return g.amin(dim=dims, keepdim=True), g.amax(dim=dims, keepdim=True)
+
+
+def _ref_sr(g, bits, keep, u):
+    """The eager SR quantizer (gradq.sr_quantize) with the noise ``u`` given."""
+    lo, hi = _ref_minmax(g, keep)
+    scale, qmin, qmax = _ref_grid(lo, hi, bits)
+    out = u.clone()
+    out.addcmul_(g, scale.reciprocal()).floor_()
+    return out.clamp_(qmin, qmax).mul_(scale).to(g.dtype)
+
+
+def _scales(x, bits, keep):
+    lo, hi = _ref_minmax(x, keep)
+    return _ref_grid(lo, hi, bits)[0].expand_as(x)
+
+
+def _sample_tensor(seed=0, shape=(6, 5, 3, 7)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-3, 0, shape[0]).view(-1, 1, 1, 1)
+    x[x.abs() < 0.2 * x.abs().amax(dim=(1, 2, 3), keepdim=True)] = 0.0  # exact zeros
+    x[1] = x[1].abs()
+    x[2] = -x[2].abs()
+    x[3] = 0.0
+    return x
+
+
+def _noise_for(g, keep, seeds):
+    """The noise the compiled kernel draws for ``g`` (same counter hash, run eagerly)."""
+    return fused.hash_uniform(fused.as_3d(g, keep), seeds).view(g.shape)
+
+
+# ----------------------------------------------------------------------------- LSQ
+
+
+def _lsq_both(v0, s0, qn, qp, g, need_v=True, need_s=True, fn=_LSQFusedFunction):
+    v = v0.clone().requires_grad_(need_v)
+    s = s0.clone().requires_grad_(need_s)
+    out = fn.apply(v, s, qn, qp, g)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    out.backward(gy)
+    return out.detach(), v.grad, s.grad, gy
+
+
+LSQ_CASES = [(4, True, (64, 33)), (4, False, (5, 7, 9, 11)), (8, False, (2, 16, 31, 17)),
+             (2, True, (1000,))]
+
+
+@needs_compile
+@pytest.mark.parametrize("bits,signed,shape", LSQ_CASES)
+def test_lsq_fused_matches_eager(bits, signed, shape):
+    """Forward and input gradient bit for bit; step gradient within float32 summation error."""
+    torch.manual_seed(bits)
+    v = torch.randn(shape) * 2.0
+    if not signed:
+        v = v.relu()
+    qn, qp = level_bounds(bits, signed)
+    s = torch.tensor([0.37])
+    g = 1.0 / math.sqrt(v.numel() * qp)
+    out_f, gv_f, gs_f, gy = _lsq_both(v, s, qn, qp, g)
+    out_e, gv_e, gs_e, _ = _lsq_both(v, s, qn, qp, g, fn=_LSQFunction)
+    assert torch.equal(out_f, out_e)
+    assert torch.equal(gv_f, gv_e)
+    # Step gradient: the same dot product summed in another order. Bound against float64.
+    vs = v.double() / s.double()
+    q = vs.clamp(-qn, qp)
+    exact = (gy.double() * torch.where(q == vs, q.round() - vs, q.round())).sum() * g
+    scale = (gy.double() * (q.round() - vs)).abs().sum() * g + 1e-30
+    assert abs(float(gs_f) - float(exact)) <= 1e-5 * float(scale)
+    assert abs(float(gs_f) - float(gs_e)) <= 2e-5 * float(scale)
+    # The in-range mask is not trivial here: some values clamp, some do not.
+    assert 0 < int((gv_f == 0).sum()) < v.numel() or not signed
+
+
+@needs_compile
+@pytest.mark.parametrize("need_v,need_s", [(True, False), (False, True)])
+def test_lsq_fused_partial_gradients(need_v, need_s):
+    torch.manual_seed(0)
+    v, s, (qn, qp) = torch.randn(8, 3, 5, 5) * 3, torch.tensor([0.5]), level_bounds(4, True)
+    out_f, gv_f, gs_f, _ = _lsq_both(v, s, qn, qp, 0.1, need_v, need_s)
+    out_e, gv_e, gs_e, _ = _lsq_both(v, s, qn, qp, 0.1, need_v, need_s, fn=_LSQFunction)
+    assert torch.equal(out_f, out_e)
+    if need_v:
+        assert torch.equal(gv_f, gv_e) and gs_f is None
+    else:
+        assert gv_f is None and torch.allclose(gs_f, gs_e, rtol=1e-5, atol=1e-7)
+
+
+@needs_compile
+def test_lsq_quantize_uses_fused_path_and_inference_matches():
+    torch.manual_seed(1)
+    v = torch.randn(16, 8, 24, 24, requires_grad=True)
+    assert v.numel() >= fused.LSQ_MIN_NUMEL
+    s = torch.nn.Parameter(torch.tensor([0.21]))
+    qn, qp = level_bounds(4, True)
+    out = lsq_quantize(v, s, qn, qp, 0.05)
+    assert out.grad_fn is not None and "LSQFused" in type(out.grad_fn).__name__
+    small = lsq_quantize(v[:1, :1], s, qn, qp, 0.05)  # below LSQ_MIN_NUMEL: eager
+    assert type(small.grad_fn).__name__ == "_LSQFunctionBackward"
+    with torch.no_grad():
+        inf = lsq_quantize(v, s, qn, qp, 0.05)
+    ref = (v.detach() * s.detach().reshape(()).reciprocal()).clamp(-qn, qp).round() * s.detach()
+    assert torch.equal(inf, ref) and torch.equal(out.detach(), ref)
+
+
+# ----------------------------------------------------------------------------- SR gradients
+
+
+SR_CASES = [(None, (6, 5, 3, 7)), (0, (6, 5, 3, 7)), (1, (6, 5, 3, 7)), (-1, (37, 6)),
+            (None, (64, 16, 8, 8))]
+
+
+@needs_compile
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("keep,shape", SR_CASES)
+def test_sr_kernel_matches_reference_given_the_noise(bits, keep, shape):
+    """Bit-exact: the compiled kernel (min/max, grid, in-kernel noise, rounding) equals the eager
+    quantizer fed the same noise. This catches a wrong grid, a wrong rounding, wrong noise."""
+    x = _sample_tensor(bits, shape) if len(shape) == 4 else torch.randn(shape) * 1e-3
+    x[0] = x[0].abs()  # a one-signed row too
+    seeds = torch.tensor([12345, -678], dtype=torch.int32)
+    n = torch.tensor(float(2**bits - 1))
+    got = fused.sr_quantize_kernel(fused.as_3d(x, keep), seeds, n).view(x.shape)
+    want = _ref_sr(x, bits, keep, _noise_for(x, keep, seeds))
+    assert torch.equal(got, want)
+    assert torch.equal(got[x == 0], torch.zeros_like(got[x == 0]))
+
+
+@needs_compile
+@pytest.mark.parametrize("keep", [None, 0, 1])
+def test_sr_fused_within_one_level_of_eager(keep):
+    """Against the eager quantizer with its own (NumPy) noise: each value is one of the two
+    grid points around it in both, so they differ by at most one level, and zero stays zero."""
+    x = _sample_tensor(3)
+    s = _scales(x, 4, keep)
+    fast = sr_quantize(x, 4, keep, generator=torch.Generator().manual_seed(0))
+    eager = _ref_sr(x, 4, keep, torch.rand(x.shape, generator=torch.Generator().manual_seed(0)))
+    assert bool(((fast - eager).abs() <= s * (1 + 1e-6)).all())
+    assert bool(((fast - x).abs() < s).all())
+    assert bool((fast[x == 0] == 0).all())
+
+
+@needs_compile
+@pytest.mark.parametrize("keep", [None, 0, 1])
+def test_sr_fused_is_unbiased(keep):
+    """Mean of K draws (fresh seeds per draw, as per training step) -> x within 5 standard
+    errors (std of one draw <= s/2) plus the 2^-20-step noise resolution. The bound has teeth:
+    round-to-nearest on the same grid exceeds it."""
+    x, bits, draws = _sample_tensor(), 4, 2000
+    gen = torch.Generator().manual_seed(1)
+    total = torch.zeros_like(x, dtype=torch.float64)
+    for _ in range(draws):
+        total += sr_quantize(x, bits, keep, generator=gen)
+    mean = total / draws
+    s = _scales(x, bits, keep).double()
+    tol = 5 * s / (2 * math.sqrt(draws)) + s * 2.0**-20
+    assert bool(((mean - x.double()).abs() <= tol).all())
+    nearest = (x / s.float()).round() * s.float()
+    assert bool(((nearest.double() - x.double()).abs() > tol).any())
+
+
+@needs_compile
+def test_sr_fused_rounds_stochastically_not_to_nearest():
+    """A value 0.3 levels above a grid point goes up in ~30% of draws (nearest: never)."""
+    x = torch.zeros(4096)
+    x[0], x[1] = -1.0, 1.0  # grid: 8 bits over [-1, 1], zero point 127 or 128
+    s = float(_scales(x, 8, None)[0])
+    x[2:] = 0.3 * s
+    ups = 0
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        q = sr_quantize(x, 8, None, generator=gen)
+        ups += int((q[2:] > 0).sum())
+    frac = ups / (20 * (x.numel() - 2))
+    assert abs(frac - 0.3) < 0.01, frac
+
+
+@needs_compile
+def test_sr_fused_is_seeded_by_torch_rng():
+    x = torch.randn(3, 4, 5, 6)
+    torch.manual_seed(3)
+    a = sr_quantize(x, 4, 0)
+    b = sr_quantize(x, 4, 0)
+    torch.manual_seed(3)
+    assert torch.equal(a, sr_quantize(x, 4, 0))  # reproducible under the seed
+    assert not torch.equal(a, b)  # a fresh draw per call (per step)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(sr_quantize(x, 4, 1, generator=g1), sr_quantize(x, 4, 1, generator=g2))
+
+
+def test_hash_noise_is_uniform_and_decorrelated():
+    g = torch.empty(1 << 18)
+    u = fused.hash_uniform(g, torch.tensor([5, 6], dtype=torch.int32))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / u.numel())
+    assert abs(float(u.var()) - 1 / 12) < 1e-3
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
+    # Neighbouring seeds give unrelated streams, not shifted copies.
+    v = fused.hash_uniform(g, torch.tensor([6, 6], dtype=torch.int32))
+    w = fused.hash_uniform(g, torch.tensor([5, 7], dtype=torch.int32))
+    for other in (v, w):
+        assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 0.01
+        assert not bool(torch.isin(u[:1000], other).all())
+
+
+# ----------------------------------------------------------------------------- fallback
+
+
+def test_env_var_disables_compilation(monkeypatch):
+    monkeypatch.setenv(fused.ENV_DISABLE, "1")
+    assert not fused.compile_enabled("cpu")
+    x = _sample_tensor()
+    assert fused.sr_quantize(x, 4) is None
+    q = sr_quantize(x, 4, 0, generator=torch.Generator().manual_seed(0))  # eager path
+    assert bool(((q - x).abs() < _scales(x, 4, 0)).all())
+    v = torch.randn(3, 5, requires_grad=True)
+    out = lsq_quantize(v, torch.nn.Parameter(torch.tensor([0.3])), 8, 7, 0.1)
+    assert type(out.grad_fn).__name__ == "_LSQFunctionBackward"
+
+
+@needs_compile
+def test_compile_failure_falls_back_with_one_warning():
+    def not_compilable(x):
+        torch._dynamo.graph_break()  # fullgraph=True refuses this
+        return x + 1
+
+    k = fused.FusedKernel(not_compilable, "test")
+    x = torch.ones(3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert torch.equal(fused.run_or_eager(k, x), x + 1)
+        assert torch.equal(fused.run_or_eager(k, x), x + 1)
+    assert k.broken and not k.usable(x)
+    assert len([m for m in w if "fused kernel test" in str(m.message)]) == 1
