@@ -19,7 +19,7 @@ from qsearch.store.engine import (
     with_retries,
 )
 from qsearch.store.lease import LeaseError
-from qsearch.store.optuna_storage import RetryingRDBStorage, optuna_storage
+from qsearch.store.optuna_storage import RetryingStorage, optuna_storage
 from qsearch.store.queries import (
     EpochRow,
     FrontPoint,
@@ -37,7 +37,7 @@ from qsearch.store.store import Store
 from qsearch.store.writes import objective_values
 
 __all__ = ["SCHEMA_VERSION", "Database", "EpochRow", "FrontPoint", "LayerRow", "LeaseError",
-           "ObjectiveInfo", "RetryingRDBStorage", "SnapshotRow", "Store", "StudyRecord",
+           "ObjectiveInfo", "RetryingStorage", "SnapshotRow", "Store", "StudyRecord",
            "StudyRow", "TrialRow", "TrialValues", "existing_sqlite_file", "is_transient",
            "mask_url", "objective_info", "objective_values", "optuna_storage", "queries",
            "retried", "utcnow", "with_retries"]

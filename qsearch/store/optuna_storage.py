@@ -3,14 +3,14 @@
 The study is an ordinary Optuna study; qsearch only changes how the storage talks to the
 database: the same engine settings as the qsearch tables (:func:`~.engine.engine_kwargs`:
 ``pool_pre_ping``, bounded pool), every storage call retried on transient errors (a dropped
-connection raises ``StorageInternalError`` from Optuna mid-study otherwise), and, on
+connection raises ``StorageInternalError`` from Optuna mid-study otherwise) through a wrapper
+that speaks only Optuna's public storage contract, and, on
 PostgreSQL, Optuna's table creation under the advisory lock that serialises qsearch's own,
 so drivers starting together on an empty database do not race.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,39 +23,44 @@ from qsearch.store.engine import engine_kwargs, with_retries
 from qsearch.store.store import Store
 
 
-class RetryingRDBStorage(RDBStorage):
-    """``RDBStorage`` whose public calls are retried (jittered back-off) on transient errors.
-    A call is one Optuna session (one transaction), so a retry repeats all of it."""
-
-
-#: Private RDBStorage methods that Optuna's ``_CachedStorage`` (which wraps every RDB storage
-#: a study uses) calls directly; they are database sessions too.
-_CACHED_STORAGE_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials",
-                         "_get_best_trial_id", "_get_stale_trial_ids")
-
-
-def _retrying(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+def _retrying(name: str) -> Callable[..., Any]:
     # A storage call made inside a retried one runs once; the outer call repeats it.
-    @functools.wraps(method)
-    def call(self: RDBStorage, *args: Any, **kwargs: Any) -> Any:
-        return with_retries(f"optuna storage {name}", lambda: method(self, *args, **kwargs))
+    def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        method = getattr(self.inner, name)
+        return with_retries(f"optuna storage {name}", lambda: method(*args, **kwargs))
 
+    call.__name__ = name
+    call.__doc__ = getattr(BaseStorage, name).__doc__
     return call
 
 
-for _name in [n for n, m in vars(BaseStorage).items() if not n.startswith("_") and callable(m)] \
-        + list(_CACHED_STORAGE_CALLS):
-    if callable(getattr(RDBStorage, _name, None)):
-        setattr(RetryingRDBStorage, _name, _retrying(_name, getattr(RDBStorage, _name)))
+def _storage_api() -> dict[str, Any]:
+    """One retried delegate per public method of Optuna's storage contract."""
+    return {n: _retrying(n) for n, m in vars(BaseStorage).items()
+            if not n.startswith("_") and callable(m)}
 
 
-def optuna_storage(store: Store) -> RetryingRDBStorage:
+class _RetryingBase(BaseStorage):
+    def __init__(self, inner: RDBStorage):
+        self.inner = inner
+
+
+#: An Optuna storage that wraps an ``RDBStorage`` (composition, not a subclass): every call of
+#: the public ``BaseStorage`` contract is one database session, retried as a whole
+#: (jittered back-off) on transient errors. Optuna talks to it only through that contract.
+RetryingStorage = type("RetryingStorage", (_RetryingBase,), {
+    "__doc__": _RetryingBase.__init__.__doc__, **_storage_api()})
+RetryingStorage.__doc__ = ("Optuna storage delegating every public BaseStorage call to an "
+                           "RDBStorage, retried on transient database errors.")
+
+
+def optuna_storage(store: Store) -> BaseStorage:
     """The Optuna storage for ``store``'s database (creating Optuna's tables if needed)."""
     kwargs = engine_kwargs(store.engine.dialect.name)
 
-    def open_storage() -> RetryingRDBStorage:
+    def open_storage() -> BaseStorage:
         with store.schema_lock():
-            return RetryingRDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs))
+            return RetryingStorage(RDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs)))
 
     try:
         return with_retries("open Optuna storage", open_storage, store.retries)
