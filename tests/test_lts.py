@@ -21,14 +21,32 @@ from qsearch.train.trainer import Trainer
 # ----------------------------------------------------------------------------- exact rules
 
 
-def test_level_error_is_measured_before_clipping():
+def test_level_error_is_the_distance_to_the_clipped_level():
     # 2-bit signed grid: levels -2..1; step 0.5 so w/s = 2w exactly.
     w = torch.tensor([0.1, 0.24, -0.9, 2.3, -3.1])
     e, q = level_error(w, torch.tensor([0.5]), qn=2, qp=1)
-    v = (w * 2).tolist()
-    expect_e = [abs(x - round(x)) for x in v]  # 2.3 -> 4.6 is clipped to 1 but keeps e=0.4
-    assert e.tolist() == pytest.approx(expect_e, abs=1e-6)
     assert q.tolist() == [0.0, 0.0, -2.0, 1.0, -2.0]
+    # In range: plain rounding error. Clipped: 2.3 -> 4.6 is clipped to 1 and carries e = 3.6
+    # (the unclipped rule would give 0.4); -3.1 -> -6.2 is clipped to -2 and carries e = 4.2.
+    assert e.tolist() == pytest.approx([0.2, 0.48, 0.2, 3.6, 4.2], abs=1e-6)
+
+
+def test_overshooting_weight_never_freezes():
+    # A weight parked 5.02 levels past Qp rounds to an integer 0.02 away (the unclipped rule's
+    # e), below any useful theta, but its forward level is Qp, 5.02 away: it must not freeze.
+    qn, qp, step = 2, 1, torch.tensor([0.5])
+    w = torch.tensor([(qp + 5.02) * 0.5, 0.5 * 0.5 + 0.0])  # [overshoot, mid-way between 0 and 1]
+    d = torch.zeros(2)
+    prev = torch.zeros(2, dtype=torch.int8)
+    mask = torch.zeros(2, dtype=torch.bool)
+    for t in range(50):
+        e, q = level_error(w, step, qn, qp)
+        lv = q.to(torch.int8)
+        ema_update(d, e, lv, prev, 0.9, first=t == 0)
+        prev = lv
+    assert freeze(mask, d, 0.1) == 0
+    assert d[0].item() == pytest.approx(5.02, abs=1e-4)
+    assert not mask.any()
 
 
 def test_ema_starts_at_error_then_averages_and_resets_on_transition():

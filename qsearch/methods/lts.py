@@ -74,14 +74,17 @@ def threshold(mode: str, rate: float, t: int, warmup: int, total: int) -> float 
 
 @torch.no_grad()
 def level_error(w: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e, q): distance to the nearest level before clipping, and the (clipped) integer level.
+    """(e, q): distance to the level the forward uses, ``e = |w/s - clamp(round(w/s), -Qn, Qp)|``,
+    and that (clipped) integer level ``q``.
 
     ``w * step.reciprocal()`` is exactly what the LSQ forward computes, so ``q`` is the level
-    the forward uses. A clipped weight keeps its own (unclipped) rounding error.
+    the forward uses. As in the reference, a clipped weight carries its clipping error (a
+    weight 3.4 levels past the range has e = 3.4, not 0.4), so it cannot freeze on a small
+    distance to a level that does not exist.
     """
     v = w * step.reciprocal()
-    r = v.round()
-    return (v - r).abs_(), r.clamp_(-qn, qp)
+    q = v.round().clamp_(-qn, qp)
+    return (v - q).abs_(), q
 
 
 @torch.no_grad()
