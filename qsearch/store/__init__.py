@@ -19,7 +19,6 @@ from qsearch.store.engine import (
     with_retries,
 )
 from qsearch.store.lease import LeaseError
-from qsearch.store.optuna_storage import RetryingStorage, optuna_storage
 from qsearch.store.queries import (
     EpochRow,
     FrontPoint,
@@ -41,3 +40,17 @@ __all__ = ["SCHEMA_VERSION", "Database", "EpochRow", "FrontPoint", "LayerRow", "
            "StudyRow", "TrialRow", "TrialValues", "existing_sqlite_file", "is_transient",
            "mask_url", "objective_info", "objective_values", "optuna_storage", "queries",
            "retried", "utcnow", "with_retries"]
+
+
+def __getattr__(name: str):  # noqa: ANN202 - lazy: Optuna loads only for the driver
+    """``optuna_storage`` and ``RetryingStorage`` import Optuna, which the read-only commands
+    (``qsearch studies``, ``pareto``, the dashboards) never need."""
+    if name in ("optuna_storage", "RetryingStorage"):
+        import importlib
+
+        module = importlib.import_module("qsearch.store.optuna_storage")
+        # Importing the submodule bound its name on this package; the function wins.
+        globals().update(optuna_storage=module.optuna_storage,
+                         RetryingStorage=module.RetryingStorage)
+        return globals()[name]
+    raise AttributeError(f"module 'qsearch.store' has no attribute {name!r}")
