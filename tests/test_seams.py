@@ -204,3 +204,28 @@ def test_no_private_attributes_of_optuna_ray_or_typer(needle: str) -> None:
             + list((ROOT / "dashboards").rglob("*.py"))
             for i, line in enumerate(p.read_text().splitlines(), 1) if needle in line]
     assert hits == []
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def test_docs_live_in_the_repo_and_every_citation_resolves() -> None:
+    """A user who clones the repo has only the repo: no product file points outside it, and
+    every "METHODS.md §N" cited by code or docs is a section of docs/METHODS.md."""
+    import re
+
+    sections = set(re.findall(r"^## (\d+)\. ", (ROOT / "docs" / "METHODS.md").read_text(), re.M))
+    assert {"1", "2", "3", "4", "5", "6", "7"} <= sections
+    files = [p for d in ("qsearch", "dashboards", "studies", "docs", "benchmarks", "docker")
+             for p in (ROOT / d).rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".yaml")]
+    files.append(ROOT / "README.md")
+    outside, unresolved = [], []
+    for p in files:
+        text = p.read_text(errors="replace")
+        if "../shared" in text or "shared/DESIGN.md" in text or "shared/METHODS.md" in text:
+            outside.append(str(p.relative_to(ROOT)))
+        unresolved += [f"{p.relative_to(ROOT)}: §{n}" for n in
+                       re.findall(r"METHODS\.md §(\d+)", text) if n not in sections]
+    assert outside == [] and unresolved == []
+    for link in re.findall(r"\]\(([^)#:]+)\)", (ROOT / "README.md").read_text()):
+        assert (ROOT / link).exists(), link
