@@ -131,6 +131,8 @@ class TrialConfig(StrictModel):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.02, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
+    #: Nesterov SGD (plain heavy-ball momentum by default, as the methods' papers use).
+    nesterov: bool = False
     weight_decay: float = Field(1e-4, ge=0)
     lr_schedule: Literal["cosine", "step", "constant"] = "cosine"
     seed: int = Field(0, ge=0)
@@ -157,20 +159,13 @@ class TrialConfig(StrictModel):
             import_plugins(data.get("plugins"))
         return data
 
-    @field_validator("model")
+    @field_validator("model", "dataset")
     @classmethod
-    def _known_model(cls, value: str) -> str:
-        names = catalog.model_names()
+    def _known_name(cls, value: str, info: Any) -> str:
+        kind = info.field_name
+        names = catalog.model_names() if kind == "model" else catalog.dataset_names()
         if value not in names:
-            raise ValueError(f"unknown model {value!r}; choose one of {', '.join(names)}")
-        return value
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        names = catalog.dataset_names()
-        if value not in names:
-            raise ValueError(f"unknown dataset {value!r}; choose one of {', '.join(names)}")
+            raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(names)}")
         return value
 
     @field_validator("layers")
