@@ -66,6 +66,36 @@ def test_stochastic_rounding_is_unbiased(keep):
     assert bool(((nearest.double() - x.double()).abs() > tol).any())
 
 
+def test_sr_on_a_hand_computed_grid_is_unbiased_and_never_clips():
+    """Against a grid computed here by hand, not by ``sr_grid`` (so a wrong scale in the grid
+    code, eager or fused, cannot pass by agreeing with itself): g = linspace(-1, 3) at 4 bits
+    has n = 15 steps, zero point round(15 * 1/4) = 4, scale max(1/4, 3/11) = 3/11, levels
+    -4..11. Every draw must lie on that grid (a coarser or finer scale fails), and the mean of
+    K draws must be within 6 sigma-bounds of g everywhere, the ends included (a scale too
+    small to reach 3 clips the top values and biases them down; round-to-nearest is biased by
+    up to s/2 between levels). Hoeffding (each draw lies in an interval of width s around g):
+    P(|mean - g| > 3s/sqrt(K)) <= 2 exp(-18) per element, so a correct quantizer fails this
+    with probability < 1.3e-5 over the 401 elements under any seed; the seed here is fixed."""
+    g = torch.linspace(-1.0, 3.0, 401)
+    s, qmin, qmax, draws = 3.0 / 11.0, -4, 11, 2000
+    gen = torch.Generator().manual_seed(11)
+    total = torch.zeros_like(g, dtype=torch.float64)
+    for _ in range(draws):
+        q = sr_quantize(g, 4, generator=gen)
+        k = q.double() / s
+        assert bool(((k - k.round()).abs() < 1e-4).all())  # on the hand grid
+        assert int(k.round().min()) >= qmin and int(k.round().max()) <= qmax
+        total += q
+    mean = total / draws
+    tol = 3 * s / math.sqrt(draws)
+    err = (mean - g.double()).abs()
+    assert float(err.max()) <= tol, (float(err.max()), tol)
+    assert float(err[-5:].max()) <= tol  # the top of the range is reached, not clipped
+    # The tolerance has teeth: nearest rounding on the same grid is off by up to s/2 = 7*tol.
+    nearest = (g.double() / s).round() * s
+    assert float((nearest - g.double()).abs().max()) > 5 * tol
+
+
 @pytest.mark.parametrize("bits", [4, 6, 8])
 @pytest.mark.parametrize("keep", [None, 0, 1, -1])
 def test_zero_exact_values_on_grid_and_in_range(bits, keep):
