@@ -42,12 +42,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module, kind: str, lr: float, momentum: float, weight_decay: float
+    model: nn.Module, kind: str, lr: float, momentum: float, weight_decay: float,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
+    """SGD (heavy-ball momentum; Nesterov only when ``nesterov`` and ``momentum > 0``) or Adam."""
     groups = param_groups(model, weight_decay)
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, schedule: str, epochs: int):

@@ -65,7 +65,8 @@ def train_float(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels).to(device)
     ws = cfg.warm_start
-    opt = build_optimizer(model, ws.optimizer, ws.lr, cfg.momentum, cfg.weight_decay)
+    opt = build_optimizer(model, ws.optimizer, ws.lr, cfg.momentum, cfg.weight_decay,
+                          nesterov=cfg.nesterov)
     sched = build_scheduler(opt, "cosine", ws.epochs)
     for epoch in range(ws.epochs):
         model.train()
