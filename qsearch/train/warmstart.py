@@ -52,6 +52,8 @@ def cache_key(cfg: TrialConfig) -> str:
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "weight_decay": cfg.weight_decay,
+            "momentum": cfg.momentum,
+            "nesterov": cfg.nesterov,
             "recipe": recipe,
         },
         sort_keys=True,
