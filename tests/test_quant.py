@@ -113,6 +113,35 @@ def test_gradient_scale_uses_layer_size_for_weights_and_features_for_activations
         assert q.step.grad.item() == pytest.approx(expected, rel=1e-4, abs=1e-7), kind
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_step_gradient_matches_finite_difference_of_the_ste_surrogate(signed):
+    """Independently of the closed-form LSQ formula: the LSQ step gradient is g times the
+    derivative of the straight-through surrogate f(s) = s * (clamp(v/s, -Qn, Qp) + c), where
+    c = clamp(round(v/s0)) - clamp(v/s0) is held fixed (rounding passes the gradient
+    straight through). f is piecewise linear in s, so a central difference away from the
+    clip boundaries is exact up to round-off."""
+    qn, qp = level_bounds(3, signed)
+    v = torch.tensor([-2.9, -1.26, -0.31, 0.0, 0.17, 0.55, 0.94, 1.33, 2.2, 4.1],
+                     dtype=torch.float64)
+    v = v if signed else v.abs()
+    s0, g, h = 0.37, 0.23, 1e-7
+    up = torch.linspace(-1.0, 1.3, v.numel(), dtype=torch.float64)
+    c = ((v / s0).round().clamp(-qn, qp) - (v / s0).clamp(-qn, qp))
+
+    def surrogate(s: float) -> float:
+        return float((up * s * ((v / s).clamp(-qn, qp) + c)).sum())
+
+    r = v / s0
+    assert bool(((r < -qn) | (r > qp)).any()) and bool(((r > -qn) & (r < qp)).any())
+    fd = g * (surrogate(s0 + h) - surrogate(s0 - h)) / (2 * h)
+    s = torch.tensor([s0], dtype=torch.float64, requires_grad=True)
+    lsq_quantize(v, s, qn, qp, g).backward(up)
+    assert s.grad.item() == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    # ...and it is not the derivative of the real (piecewise-constant-in-round) forward.
+    real = lambda s_: float((up * (v / s_).round().clamp(-qn, qp) * s_).sum())
+    assert abs(g * (real(s0 + h) - real(s0 - h)) / (2 * h) - fd) > 1e-3
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_step_initialisation(bits):
     v = torch.randn(64, 32, 3, 3)
