@@ -243,3 +243,77 @@ def test_resume_does_not_rerun_the_search(csq_trial):
     blob = torch.load(sorted(ckpt.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert blob["qat_start_epoch"] == 2 and blob["weight_bits"] == {
         k: v for k, v in result.weight_bits.items() if k in blob["weight_bits"]}
+
+
+# ----------------------------------------------------------------------------- stage 1 in the shared loop
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_kill_and_resume_mid_search_stage_is_bit_identical(tiny_config, tmp_path):
+    """Stage 1 runs in the trainer's loop with a checkpoint per epoch: a trial killed after
+    stage-1 epoch 1 (budget loop running), resumed, killed again after epoch 2 (ticket drawn,
+    hard pattern in the stage state) and resumed again goes on inside stage 1 each time and
+    ends exactly where an uninterrupted one ends."""
+    from _resume import TIMING
+
+    from qsearch.train import train
+
+    # 5 epochs: stage 1 = epochs 1-3 with the ticket at 1.5 epochs, stage 2 = epochs 4-5.
+    cfg = tiny_config(epochs=5, batch_size=256, methods={"csq": {
+        "enabled": True, "target_bits": 3, "epochs_frac": 0.6, "ticket_frac": 0.5}})
+
+    def untimed(ms):  # wall-clock and measured-time fields differ between any two runs
+        return [{k: v for k, v in m.items() if k not in TIMING and "time" not in k} for m in ms]
+
+    seen: list[dict] = []
+    straight = train(cfg, report=seen.append)
+    assert [m.get("stage") for m in seen] == ["csq.search"] * 3 + [None] * 2
+    assert seen[0]["csq.beta"] < seen[1]["csq.beta"] == 200.0  # the ticket is in epoch 2
+
+    again: list[dict] = []
+    for stop in (1, 2):
+        def kill(metrics, stop=stop):
+            again.append(metrics)
+            if metrics["epoch"] == stop:
+                raise _Killed
+
+        with pytest.raises(_Killed):
+            train(cfg, report=kill, checkpoint_dir=tmp_path)
+        blob = torch.load(sorted(tmp_path.glob("ckpt-*.pt"))[-1], weights_only=True)
+        assert blob["stage"]["name"] == "csq.search" and blob["stage"]["epoch"] == stop
+        assert (blob["stage"]["state"]["hard"] is None) == (stop == 1)
+    resumed = train(cfg, report=again.append, checkpoint_dir=tmp_path)
+    # Each attempt went on inside stage 1 (no epoch re-run); every report is the same.
+    assert [m["epoch"] for m in again] == [1, 2, 3, 4, 5]
+    assert untimed(again) == untimed(seen)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert resumed.weight_bits == straight.weight_bits
+    assert untimed([resumed.metrics]) == untimed([straight.metrics])
+    assert untimed(resumed.history) == untimed(straight.history)
+
+
+def test_nan_in_search_stage_raises_trial_error_naming_the_stage(tiny_config, monkeypatch):
+    import qsearch.methods.csq as csq_module
+    from qsearch.errors import TrialError
+    from qsearch.train import train
+
+    calls = {"n": 0}
+    real = csq_module.regularizer
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 3 else out
+
+    monkeypatch.setattr(csq_module, "regularizer", poisoned)
+    seen: list[dict] = []
+    cfg = tiny_config(epochs=2, methods={"csq": {"enabled": True, "target_bits": 3}})
+    with pytest.raises(TrialError, match=r"loss became nan at stage csq\.search epoch 1, step 2"):
+        train(cfg, report=seen.append)
+    assert seen == []  # nothing reported, the stage stopped at the poisoned step

@@ -241,21 +241,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- hypernetwork
 
 
-def _train_step(trainer: Trainer, ctx, x, y) -> None:
-    """One step exactly as Trainer.train_epoch does it."""
-    for m in trainer.methods:
-        m.before_forward(ctx)
-    loss = F.cross_entropy(ctx.model(x), y)
-    ctx.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    for m in trainer.methods:
-        m.after_backward(ctx)
-    ctx.optimizer.step()
-    for m in trainer.methods:
-        m.after_step(ctx)
-    ctx.step += 1
-
-
 def test_hypernet_receives_gradient_and_changes_next_weights(tiny_config):
     cfg = tiny_config(methods={"gradq": {"enabled": True, "bits": 4,
                                          "hypernet": {"enabled": True, "hidden": 8, "lr": 1e-2}}})
@@ -270,11 +255,11 @@ def test_hypernet_receives_gradient_and_changes_next_weights(tiny_config):
     name, layer = "stage2.0.0", ctx.qlayers["stage2.0.0"]
     h = gq.hyper[gq.hyper_index[name]]
 
-    _train_step(trainer, ctx, x, y)  # no G_prev yet: plain forward, G_prev recorded
+    trainer.train_step(ctx, x, y)  # no G_prev yet: plain forward, G_prev recorded
     assert torch.equal(layer.weight_transform(layer.weight), layer.weight)  # H = 0 at init
     before = [p.detach().clone() for p in h.parameters()]
     x, y = next(batches)
-    _train_step(trainer, ctx, x, y)  # H sees G_prev; the task loss reaches H through W_meta
+    trainer.train_step(ctx, x, y)  # H sees G_prev; the task loss reaches H through W_meta
     # H's Adam stepped on a non-zero gradient (Adam leaves a parameter with zero gradient put).
     assert any(not torch.equal(a, b) for a, b in zip(before, h.parameters()))
 

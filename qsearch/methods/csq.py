@@ -35,14 +35,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from qsearch.cost import FP32_BITS, extra_param_count
 from qsearch.errors import ConfigError
 from qsearch.methods.csq_config import MIN_BITS, CSQConfig
-from qsearch.methods.plugin import Method
+from qsearch.methods.plugin import Method, Stage
 from qsearch.methods.csq_layers import (
     BitConv2d,
     BitLinear,
@@ -300,12 +298,10 @@ def temperature(t: float, t_ticket: float, beta_final: float) -> float:
 # ----------------------------------------------------------------------------- stage 1
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+STAGE_NAME = "csq.search"  # the stage's name in reports, errors and checkpoints
 
 
-def _stage_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimizer:
+def _stage_groups(model: nn.Module, cfg: TrialConfig) -> list[dict[str, Any]]:
     """Bit logits, gate logits and scales get their own groups without weight decay (decay
     would pull bit logits to the undecided sigmoid(0) = 0.5); everything else as in QAT."""
     c = cfg.methods.csq
@@ -322,22 +318,106 @@ def _stage_optimizer(model: nn.Module, cfg: TrialConfig) -> torch.optim.Optimize
         {"name": "other", "params": groups["other"], "lr": cfg.lr,
          "weight_decay": cfg.weight_decay},
     ]
-    spec = [g for g in spec if g["params"]]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(spec, lr=cfg.lr)
-    return torch.optim.SGD(spec, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return [g for g in spec if g["params"]]
 
 
 def _current_bits(layers: dict[str, BitPlaneLayer]) -> dict[str, int]:
     return {n: min(q.planes, max(MIN_BITS, q.w_bits)) for n, q in layers.items()}
 
 
+class SearchStage(Stage):
+    """Stage 1 as a :class:`~qsearch.methods.plugin.Stage` of the shared loop: before each
+    forward the temperature (and, at ``t_ticket``, the ticket); the budget term (with its
+    integral) in the loss until the ticket; per-epoch ``csq.*`` metrics."""
+
+    def __init__(self, c: CSQConfig, net: nn.Module, epochs: int,
+                 layers: dict[str, BitPlaneLayer], budget: Budget):
+        super().__init__(STAGE_NAME, net, epochs)
+        self.c, self.layers, self.budget = c, layers, budget
+        total = budget.total_numel
+        self.shares = ({n: budget.numel[n] / total for n in layers} if c.size_aware
+                       else {n: 1.0 / len(layers) for n in layers})
+        # mean weight 1: lambda keeps its scale
+        self.weights = {n: self.shares[n] * len(layers) for n in layers}
+        self.target_rho = budget.target_bits / c.planes
+        self.t_ticket = c.ticket_frac * epochs
+        self.hard: Hardening | None = None
+        self.integral = 0.0
+        self.soft_avg = float("nan")
+        self.beta, self.rho, self.t = 1.0, 0.0, 0.0
+
+    def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]]:
+        return _stage_groups(self.model, ctx.config)
+
+    def draw_ticket(self) -> Hardening:
+        c, layers = self.c, self.layers
+        raw = {n: q.raw_pattern() for n, q in layers.items()}
+        self.soft_avg = self.budget.avg_bits(_current_bits(layers))
+        scores = {n: q.gates.detach().tolist() for n, q in layers.items()}
+        h = harden(raw, scores, self.budget if c.enforce_budget else None, c.budget_tol)
+        for n, pat in h.patterns(c.planes).items():
+            layers[n].set_pattern(pat)
+        self.hard = h
+        return h
+
+    def before_forward(self, ctx: TrainContext) -> None:
+        t = self.t = self.progress(ctx)
+        if self.hard is None and t >= self.t_ticket:
+            self.draw_ticket()
+        self.beta = temperature(t, self.t_ticket, self.c.beta_final)
+        for q in self.layers.values():
+            q.beta = self.beta
+
+    def loss(self, ctx: TrainContext, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
+        c = self.c
+        self.rho = rho = open_fraction(self.layers, self.shares)
+        if self.hard is None:
+            self.integral = min(INTEGRAL_CAP, max(-INTEGRAL_CAP, self.integral
+                                                  + c.integral_gain * (rho - self.target_rho)))
+            loss = loss + regularizer(self.layers, self.weights, rho, self.target_rho, c.lam,
+                                      self.integral)
+        return loss
+
+    def after_step(self, ctx: TrainContext) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("csq t=%.3f beta=%.1f rho=%.3f I=%.2f gates=%s", self.t, self.beta,
+                      self.rho, self.integral,
+                      {n: [round(v * self.beta, 1) for v in q.gates.tolist()]
+                       for n, q in self.layers.items()})
+
+    def metrics(self, ctx: TrainContext) -> dict[str, Any]:
+        bits, b = _current_bits(self.layers), self.budget
+        return {"size_mb": b.size_mb(bits), "csq.stage": 1, "csq.avg_bits": b.avg_bits(bits),
+                "csq.rho": self.rho, "csq.beta": self.beta, "csq.target_bits": b.target_bits}
+
+    def state_dict(self) -> dict[str, Any]:
+        h = self.hard
+        return {"integral": self.integral, "soft_avg": self.soft_avg, "hard": None if h is None
+                else {"windows": {n: list(w) for n, w in h.windows.items()}, "raw": h.raw,
+                      "noncontiguous": h.noncontiguous, "projected": h.projected}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.integral = float(state["integral"])
+        self.soft_avg = float(state["soft_avg"])
+        h = state["hard"]
+        self.hard = None if h is None else Hardening(
+            windows={n: (int(w[0]), int(w[1])) for n, w in h["windows"].items()},
+            raw={n: list(p) for n, p in h["raw"].items()},
+            noncontiguous=dict(h["noncontiguous"]), projected=int(h["projected"]))
+        if self.hard is not None:
+            for n, pat in self.hard.patterns(self.c.planes).items():
+                self.layers[n].set_pattern(pat)
+
+
 def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, int], dict[str, Any]]:
-    """Stage 1 of a CSQ trial (see the module docstring). Returns (bits per searched layer,
-    summary) and sets ``ctx.qat_start_epoch``; with ``carry_weights`` the float model
-    ``ctx.model`` receives the stage-1 weights (hard-gated reconstruction, BN, biases)."""
-    from qsearch.quant import Precision, QConv2d, QLinear
-    from qsearch.quant.precision import quantizable_layers, resolve_precision
+    """Stage 1 of a CSQ trial (see the module docstring), run by the trainer's shared loop
+    (``ctx.run_stage``: NaN guard, reports, per-epoch checkpoints and resume). Returns (bits
+    per searched layer, summary) and sets ``ctx.qat_start_epoch``; with ``carry_weights`` the
+    float model ``ctx.model`` receives the stage-1 weights (hard-gated reconstruction, BN,
+    biases)."""
+    from qsearch.quant import Precision, convert
+    from qsearch.quant.precision import resolve_precision
 
     cfg, model = ctx.config, ctx.model
     searched, pinned = searched_layers(cfg, model)
@@ -345,84 +425,31 @@ def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, 
         raise ConfigError("methods.csq.search_edges",
                           "every layer is pinned (first/last or a layers.<name>.w_bits rule); "
                           "set search_edges=true or drop a rule so CSQ has a layer to search")
-    plan = resolve_precision(model, Precision.from_config(cfg))
+    precision = Precision.from_config(cfg)
+    plan = resolve_precision(model, precision)
     extras, _ = fp32_extras(cfg, model)
     numel = {n: model.get_submodule(n).weight.numel() for n in searched}
     pinned_bits = sum(model.get_submodule(n).weight.numel() * plan[n].w_bits for n in pinned)
     budget = make_budget(c, numel, pinned_bits, extras)
 
+    def bit_plane(name: str, m: nn.Module, p: Any, signed: bool | None) -> nn.Module | None:
+        if name not in numel:
+            return None  # pinned: plain LSQ at its resolved bits
+        return (BitConv2d if isinstance(m, nn.Conv2d) else BitLinear).from_float(
+            m, c.planes, p.a_bits, signed)
+
     net = copy.deepcopy(model)
-    names = quantizable_layers(model)
-    layers: dict[str, BitPlaneLayer] = {}
-    for n in names:
-        m, signed = net.get_submodule(n), (True if n == names[0] else None)
-        if n in numel:
-            q: nn.Module = (BitConv2d if isinstance(m, nn.Conv2d) else BitLinear).from_float(
-                m, c.planes, plan[n].a_bits, signed)
-            layers[n] = q  # type: ignore[assignment]
-        else:
-            q = (QConv2d if isinstance(m, nn.Conv2d) else QLinear).from_float(
-                m, plan[n].w_bits, plan[n].a_bits, a_signed=signed)
-        _set_submodule(net, n, q)
-    total = budget.total_numel
-    shares = ({n: numel[n] / total for n in layers} if c.size_aware
-              else {n: 1.0 / len(layers) for n in layers})
-    weights = {n: shares[n] * len(layers) for n in layers}  # mean weight 1: lambda keeps scale
-    target_rho = budget.target_bits / c.planes
-    opt = _stage_optimizer(net, cfg)
-
-    spe, t_ticket = ctx.steps_per_epoch, c.ticket_frac * epochs1
-    hard: Hardening | None = None
-    integral = 0.0
-    soft_avg = float("nan")
-
-    def draw_ticket() -> Hardening:
-        nonlocal soft_avg
-        raw = {n: q.raw_pattern() for n, q in layers.items()}
-        soft_avg = budget.avg_bits(_current_bits(layers))
-        scores = {n: q.gates.detach().tolist() for n, q in layers.items()}
-        h = harden(raw, scores, budget if c.enforce_budget else None, c.budget_tol)
-        for n, pat in h.patterns(c.planes).items():
-            layers[n].set_pattern(pat)
-        return h
-
-    for epoch in range(epochs1):
-        net.train()
-        loss_sum, count, beta, rho = 0.0, 0, 1.0, 0.0
-        for i, (x, y) in enumerate(ctx.batches(epoch)):
-            t = epoch + i / spe
-            if hard is None and t >= t_ticket:
-                hard = draw_ticket()
-            beta = temperature(t, t_ticket, c.beta_final)
-            for q in layers.values():
-                q.beta = beta
-            loss = F.cross_entropy(net(x), y)
-            rho = open_fraction(layers, shares)
-            if hard is None:
-                integral = min(INTEGRAL_CAP, max(-INTEGRAL_CAP,
-                                                 integral + c.integral_gain * (rho - target_rho)))
-                loss = loss + regularizer(layers, weights, rho, target_rho, c.lam, integral)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ctx.step += 1
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("csq t=%.3f beta=%.1f rho=%.3f I=%.2f gates=%s", t, beta, rho, integral,
-                          {n: [round(v * beta, 1) for v in q.gates.tolist()]
-                           for n, q in layers.items()})
-            loss_sum += float(loss.detach()) * len(y)
-            count += len(y)
-        acc, val_loss = ctx.evaluate(net, split="val")
-        bits = _current_bits(layers)
-        if ctx.report is not None:
-            ctx.report({"epoch": epoch + 1, "train_loss": loss_sum / max(1, count),
-                        "val_loss": val_loss, "val_accuracy": acc, "accuracy": acc,
-                        "size_mb": budget.size_mb(bits),
-                        "csq.stage": 1, "csq.avg_bits": budget.avg_bits(bits), "csq.rho": rho,
-                        "csq.beta": beta, "csq.target_bits": budget.target_bits})
-    if hard is None:
-        hard = draw_ticket()
+    converted = convert(net, precision, bit_plane)
+    layers: dict[str, BitPlaneLayer] = {
+        n: q for n, q in converted.items() if isinstance(q, BitPlaneLayer)}
+    stage = SearchStage(c, net, epochs1, layers, budget)
+    history = ctx.run_stage(stage)
+    acc = history[-1]["accuracy"]
+    if stage.hard is None:
+        stage.draw_ticket()
         acc, _ = ctx.evaluate(net)
+    hard = stage.hard
+    assert hard is not None
     bits = hard.bits()
     if c.carry_weights:
         _carry(net, model, layers)
@@ -430,7 +457,7 @@ def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, 
     summary = {
         "avg_bits": budget.avg_bits(bits), "target_bits": budget.target_bits,
         "budget_mb": budget.budget_mb(), "size_mb": budget.size_mb(bits),
-        "soft_avg_bits": soft_avg, "noncontiguous": len(hard.noncontiguous),
+        "soft_avg_bits": stage.soft_avg, "noncontiguous": len(hard.noncontiguous),
         "projected": hard.projected, "stage_accuracy": acc, "bits": dict(bits),
         "raw": {n: "".join(map(str, p)) for n, p in hard.raw.items()},
         "resolved": dict(hard.noncontiguous),

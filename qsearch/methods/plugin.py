@@ -6,9 +6,10 @@ order. The trainer builds the enabled handlers with :func:`build_methods` and ca
 below, for every enabled method in registry order::
 
     precision_stage   once, before LSQ conversion (CSQ learns per-layer bits here, by running
-                      training stages through ``ctx.trainer`` — the shared loop)
+                      a :class:`Stage` through the shared loop with ``ctx.run_stage``)
     attach            once, after conversion and warm start, before the optimizer exists
-    configure_optimizer  once, right after the optimizer is built
+    param_groups      once, before the optimizer is built: may split or add param groups
+    configure_optimizer  once, right after the optimizer (and its LR schedule) is built
     -- every step --
     before_forward    before the model's forward
     loss              may add terms to (or replace) the task loss
@@ -25,6 +26,11 @@ or in module buffers the method registers on the model.
 
 Methods talk to each other only through :class:`TrainContext` and the trainer: one method never
 imports another's module.
+
+A method that trains a model of its own before QAT (CSQ's bit-plane search) describes it as a
+:class:`Stage` and hands it to ``ctx.run_stage``: the trainer runs it with the same step (NaN
+guard included), the same batch order, a report and a checkpoint after every stage epoch, and
+resumes a trial killed mid stage from that checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +68,11 @@ class TrainContext:
     qat_start_epoch: int = 0  # a precision stage (CSQ) may consume the first epochs
     report: Callable[[dict[str, Any]], None] | None = None
     input_shape: tuple[int, int, int] = (1, 8, 8)
+    #: Set by the trainer: runs a :class:`Stage` through the shared loop (see ``run_stage``).
+    stage_runner: Callable[[Stage], list[dict[str, Any]]] | None = None
+    #: Set by the trainer: the trial's :class:`~qsearch.train.costs.TrainingCosts` (executed
+    #: FLOPs and backward time of every step so far; LTS reads its skipped dW from it).
+    costs: Any = None
 
     @property
     def total_steps(self) -> int:
@@ -80,6 +91,73 @@ class TrainContext:
         alone measures ``split="test"``, once, on a finished trial's final weights."""
         return evaluate(model or self.model, self.data, self.device, self.config.batch_size,
                         split=split)
+
+    def run_stage(self, stage: Stage) -> list[dict[str, Any]]:
+        """Train ``stage`` through the trainer's loop; returns its per-epoch reports (those of
+        epochs restored from a stage checkpoint included)."""
+        if self.stage_runner is None:
+            raise RuntimeError("TrainContext.run_stage() needs a context from Trainer.setup()")
+        return self.stage_runner(stage)
+
+
+class Stage:
+    """A training stage a method runs through the shared loop (``ctx.run_stage(stage)``).
+
+    The trainer trains ``model`` for ``epochs`` epochs (global epochs ``ctx.epoch`` onwards,
+    so the batches are those of those epochs) with one optimizer built by
+    :func:`qsearch.train.optim.build_optimizer` from :meth:`param_groups`. Each step calls
+    the hooks below (same meaning as the :class:`Method` hooks; the enabled methods' own hooks
+    do not run: they are not attached yet). After each epoch it calls :meth:`epoch_end`,
+    evaluates ``model`` on the validation split, reports ``{"epoch", "stage": name,
+    "train_loss", "val_loss", "val_accuracy", "accuracy" (alias), **metrics()}`` and
+    checkpoints model, optimizer, :meth:`state_dict`, the stage epoch and the RNG state.
+    ``epoch`` (stage epochs completed before the current one) and ``batch`` (index of the
+    current batch in its epoch) are kept up to date by the trainer.
+    """
+
+    def __init__(self, name: str, model: nn.Module, epochs: int):
+        self.name = name  # reported as "stage"; names the stage in errors and checkpoints
+        self.model = model
+        self.epochs = epochs
+        self.epoch = 0
+        self.batch = 0
+
+    def progress(self, ctx: TrainContext) -> float:
+        """Stage time in fractional epochs at the current step."""
+        return self.epoch + self.batch / ctx.steps_per_epoch
+
+    def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]] | None:
+        """Optimizer param groups (each may set its own ``lr``/``weight_decay``); None: the
+        shared QAT groups of :func:`qsearch.train.optim.param_groups`."""
+        return None
+
+    def before_forward(self, ctx: TrainContext) -> None:
+        """Before each forward (temperature schedules and the like)."""
+
+    def loss(self, ctx: TrainContext, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+             loss: torch.Tensor) -> torch.Tensor:
+        """Return the loss to minimise (add regularizer terms here)."""
+        return loss
+
+    def after_backward(self, ctx: TrainContext) -> None:
+        """Gradients are populated; the optimizer has not stepped yet."""
+
+    def after_step(self, ctx: TrainContext) -> None:
+        """The optimizer has stepped."""
+
+    def epoch_end(self, ctx: TrainContext) -> None:
+        """The stage epoch's steps are done (before evaluation and the report)."""
+
+    def metrics(self, ctx: TrainContext) -> dict[str, Any]:
+        """Per-epoch numbers merged into the report as they are (no prefix added)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stage state beyond model and optimizer (tensors and plain values only)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
 
 class Method(ABC):  # noqa: B024 - every hook has a do-nothing default on purpose
@@ -101,8 +179,15 @@ class Method(ABC):  # noqa: B024 - every hook has a do-nothing default on purpos
     def attach(self, ctx: TrainContext) -> None:
         """Install buffers/hooks on the converted model (``ctx.qlayers``)."""
 
+    def param_groups(self, ctx: TrainContext, groups: list[dict[str, Any]]
+                     ) -> list[dict[str, Any]]:
+        """Return the optimizer's param groups, changed if the method needs its own (a group
+        may set ``lr``); called before the optimizer and its LR schedule are built, so the
+        schedule covers every group. Find parameters by identity, not by group name."""
+        return groups
+
     def configure_optimizer(self, ctx: TrainContext) -> None:
-        """Adjust ``ctx.optimizer`` (param groups, LRs) right after it is built."""
+        """Read or adjust ``ctx.optimizer`` right after it is built (keep its groups)."""
 
     # -- every step --------------------------------------------------------------------
     def before_forward(self, ctx: TrainContext) -> None:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 
 from qsearch.quant.layers import QConv2d, QLinear, QuantLayer
-from qsearch.quant.precision import Precision, quantizable_layers, resolve_precision
+from qsearch.quant.precision import (
+    LayerPrecision,
+    Precision,
+    quantizable_layers,
+    resolve_precision,
+)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -14,10 +21,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def convert(model: nn.Module, precision: Precision) -> dict[str, QuantLayer]:
+#: ``factory(name, float_layer, precision, a_signed)``: a replacement layer, or None for LSQ.
+LayerFactory = Callable[[str, nn.Module, LayerPrecision, bool | None], nn.Module | None]
+
+
+def convert(model: nn.Module, precision: Precision,
+            factory: LayerFactory | None = None) -> dict[str, QuantLayer]:
     """Replace every nn.Conv2d/nn.Linear in ``model`` (in place) by QConv2d/QLinear at the
     resolved per-layer bits; weight steps are initialised from the current (warm-start)
-    weights. Returns the quantized layers by name, in forward-definition order."""
+    weights. ``factory`` may build another layer for some of them (CSQ's bit-plane layers);
+    those are returned too. Returns the replaced layers by name, in forward-definition order."""
     plan = resolve_precision(model, precision)
     first = quantizable_layers(model)[0]
     out: dict[str, QuantLayer] = {}
@@ -25,9 +38,11 @@ def convert(model: nn.Module, precision: Precision) -> dict[str, QuantLayer]:
         m = model.get_submodule(name)
         # The first layer sees raw (normalised, possibly negative) input: signed grid.
         signed = True if name == first else None
-        q = (QConv2d if isinstance(m, nn.Conv2d) else QLinear).from_float(
-            m, p.w_bits, p.a_bits, a_signed=signed
-        )
+        q = factory(name, m, p, signed) if factory is not None else None
+        if q is None:
+            q = (QConv2d if isinstance(m, nn.Conv2d) else QLinear).from_float(
+                m, p.w_bits, p.a_bits, a_signed=signed
+            )
         _set_submodule(model, name, q)
         out[name] = q
     return out

@@ -43,10 +43,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(
     model: nn.Module, kind: str, lr: float, momentum: float, weight_decay: float,
-    nesterov: bool = False,
+    groups: list[dict] | None = None, nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    """SGD (heavy-ball momentum; Nesterov only when ``nesterov`` and ``momentum > 0``) or Adam."""
-    groups = param_groups(model, weight_decay)
+    """SGD (heavy-ball momentum; Nesterov only when ``nesterov`` and ``momentum > 0``) or Adam
+    over ``groups`` — named param groups that may set their own ``lr``/``weight_decay`` (a
+    training stage's) — or, by default, the shared groups of :func:`param_groups`."""
+    if groups is None:
+        groups = param_groups(model, weight_decay)
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr)
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)

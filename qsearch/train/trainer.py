@@ -24,13 +24,14 @@ from torch import nn
 from qsearch.cost import LayerCost, compute_cost, count_macs, extra_param_count, layer_costs
 from qsearch.data import load_dataset
 from qsearch.errors import CheckpointError, TrialError
-from qsearch.methods.plugin import Method, build_methods
+from qsearch.methods.plugin import Method, Stage, build_methods
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.config import TrialConfig
 from qsearch.train.checkpoint import load_latest, save_checkpoint
+from qsearch.train.costs import TrainingCosts, fp32_reference_backward_s
 from qsearch.methods.plugin import TrainContext
-from qsearch.train.optim import build_optimizer, build_scheduler
+from qsearch.train.optim import build_optimizer, build_scheduler, param_groups
 from qsearch.train.warmstart import load_or_train
 
 Report = Callable[[dict[str, Any]], None]
@@ -95,6 +96,12 @@ class Trainer:
         self.data = load_dataset(config.dataset, config.data)
         self.methods: list[Method] = build_methods(config)
         self.warm = None
+        #: Executed FLOPs and measured backward time of every training step (all stages).
+        self.costs = TrainingCosts(self.device)
+        self._fp32_ref_s: float | None = None
+        self._stage_resume: dict[str, Any] | None = None  # a stage checkpoint to resume from
+        self._t_start = time.perf_counter()
+        self._wall_before = 0.0  # wall time of the attempts before a resume
 
     # ------------------------------------------------------------------ set-up
     def _float_model(self) -> nn.Module:
@@ -114,12 +121,18 @@ class Trainer:
             steps_per_epoch=math.ceil(n_train / cfg.batch_size), report=self.report,
             input_shape=self.data.input_shape,
         )
+        ctx.stage_runner = lambda stage: self.run_stage(ctx, stage)
+        ctx.costs = self.costs
         if any(m.needs_fp_partner for m in self.methods):
             fp = copy.deepcopy(model).eval()
             for p in fp.parameters():
                 p.requires_grad_(False)
             ctx.fp_model = fp
 
+        # MACs do not depend on precision; count on the float model so no probe input ever
+        # reaches (and initialises) an activation quantizer. (Before any precision stage, so
+        # the stage's reports carry the training-cost figures too.)
+        self.macs = count_macs(model, self.data.input_shape)
         weight_bits: dict[str, int] = {}
         if resume is not None:
             weight_bits = dict(resume.get("weight_bits", {}))
@@ -130,14 +143,15 @@ class Trainer:
                 if bits:
                     weight_bits.update(bits)
         self.weight_bits = weight_bits
-        # MACs do not depend on precision; count on the float model so no probe input ever
-        # reaches (and initialises) an activation quantizer.
-        self.macs = count_macs(model, self.data.input_shape)
         ctx.qlayers = convert(model, Precision.from_config(cfg, weight_bits))
         ctx.model = model.to(self.device)
         for m in self.methods:
             m.attach(ctx)
-        ctx.optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+        groups = param_groups(model, cfg.weight_decay)
+        for m in self.methods:  # e.g. TR gives each quantized layer its own LR group
+            groups = m.param_groups(ctx, groups)
+        ctx.optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.momentum,
+                                        cfg.weight_decay, groups=groups, nesterov=cfg.nesterov)
         # The QAT schedule spans the epochs left after a precision stage (CSQ), so its LR
         # still anneals fully by the last epoch.
         ctx.scheduler = build_scheduler(ctx.optimizer, cfg.lr_schedule,
@@ -147,32 +161,122 @@ class Trainer:
         return ctx
 
     # ------------------------------------------------------------------ loop
-    def train_epoch(self, ctx: TrainContext, epoch: int) -> float:
-        model, opt = ctx.model, ctx.optimizer
-        if opt is None:
-            raise RuntimeError("Trainer.train_epoch() needs the context from Trainer.setup()")
-        model.train()
-        total, count = 0.0, 0
-        for x, y in ctx.batches(epoch):
-            for m in self.methods:
-                m.before_forward(ctx)
+    def _step(self, ctx: TrainContext, model: nn.Module, opt: torch.optim.Optimizer,
+              hooks: list[Method] | list[Stage], x: torch.Tensor, y: torch.Tensor,
+              where: str) -> torch.Tensor:
+        """The one training step: hooks, task loss, NaN guard, backward, optimizer step.
+
+        Every GEMM from ``before_forward`` to ``after_backward`` is counted and the backward
+        part (the ``loss`` hooks' extra forwards and ``loss.backward()``) is timed, into
+        ``self.costs`` (:mod:`qsearch.train.costs`)."""
+        with self.costs.step(model, len(y)):
+            for h in hooks:
+                h.before_forward(ctx)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            for m in self.methods:
-                loss = m.loss(ctx, x, y, logits, loss)
+            with self.costs.timed():
+                for h in hooks:
+                    loss = h.loss(ctx, x, y, logits, loss)
             if not torch.isfinite(loss):
-                raise TrialError(f"loss became {float(loss)} at epoch {epoch + 1}, step {ctx.step}")
+                raise TrialError(f"loss became {float(loss)} at {where}, step {ctx.step}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for m in self.methods:
-                m.after_backward(ctx)
-            opt.step()
-            for m in self.methods:
-                m.after_step(ctx)
-            ctx.step += 1
-            total += float(loss.detach()) * len(y)
+            with self.costs.timed():
+                loss.backward()
+            for h in hooks:
+                h.after_backward(ctx)
+        opt.step()
+        for h in hooks:
+            h.after_step(ctx)
+        ctx.step += 1
+        return loss.detach()
+
+    def train_step(self, ctx: TrainContext, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One QAT step of ``ctx.model`` on (x, y) with every enabled method's hooks
+        (before_forward, loss, after_backward, after_step); raises :class:`TrialError` on a
+        non-finite loss. Returns the (detached) loss that was minimised."""
+        if ctx.optimizer is None:
+            raise RuntimeError("Trainer.train_step() needs the context from Trainer.setup()")
+        return self._step(ctx, ctx.model, ctx.optimizer, self.methods, x, y,
+                          f"epoch {ctx.epoch + 1}")
+
+    def train_epoch(self, ctx: TrainContext, epoch: int) -> float:
+        if ctx.optimizer is None:
+            raise RuntimeError("Trainer.train_epoch() needs the context from Trainer.setup()")
+        ctx.model.train()
+        total, count = 0.0, 0
+        for x, y in ctx.batches(epoch):
+            loss = self.train_step(ctx, x, y)
+            total += float(loss) * len(y)
             count += len(y)
         return total / max(1, count)
+
+    # ------------------------------------------------------------------ stages
+    def run_stage(self, ctx: TrainContext, stage: Stage) -> list[dict[str, Any]]:
+        """Train ``stage`` (see :class:`~qsearch.methods.plugin.Stage`) over the global epochs
+        ``ctx.epoch .. ctx.epoch + stage.epochs - 1``, reporting and checkpointing every epoch;
+        resumes from a matching stage checkpoint. Leaves ``ctx.epoch`` after the stage and
+        returns the stage's per-epoch reports."""
+        cfg = self.config
+        first = ctx.epoch
+        opt = build_optimizer(stage.model, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
+                              groups=stage.param_groups(ctx), nesterov=cfg.nesterov)
+        history: list[dict[str, Any]] = []
+        stage.epoch = 0
+        ck = self._stage_resume
+        if ck is not None:
+            st = ck["stage"]
+            if st["name"] != stage.name:
+                raise CheckpointError(f"checkpoint of stage {st['name']!r}, but this trial runs "
+                                      f"stage {stage.name!r}; use a fresh checkpoint_dir")
+            stage.model.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+            stage.load_state_dict(st["state"])
+            self.costs.load_state_dict(ck.get("costs", {}))
+            stage.epoch, first = int(st["epoch"]), int(st["first_epoch"])
+            history = list(st["history"])
+            ctx.step = int(ck["step"])
+            _set_rng_state(ck["rng"], self.device)
+            self._stage_resume = None
+        while stage.epoch < stage.epochs:
+            t0 = time.perf_counter()
+            epoch = first + stage.epoch
+            ctx.epoch = epoch
+            stage.model.train()
+            total, count = 0.0, 0
+            for i, (x, y) in enumerate(ctx.batches(epoch)):
+                stage.batch = i
+                loss = self._step(ctx, stage.model, opt, [stage], x, y,
+                                  f"stage {stage.name} epoch {stage.epoch + 1}")
+                total += float(loss) * len(y)
+                count += len(y)
+            stage.epoch_end(ctx)
+            stage.epoch += 1
+            acc, val_loss = ctx.evaluate(stage.model, split="val")
+            metrics: dict[str, Any] = {
+                "epoch": epoch + 1, "stage": stage.name, "train_loss": total / max(1, count),
+                "val_loss": val_loss, "val_accuracy": acc, "accuracy": acc,  # alias, as below
+                **stage.metrics(ctx),
+                **self.costs.metrics(self.macs, self.fp32_reference_s()),
+                "epoch_s": time.perf_counter() - t0,
+                "wall_s": self._wall_before + time.perf_counter() - self._t_start,
+            }
+            history.append(metrics)
+            if self.checkpoint_dir:
+                save_checkpoint(self.checkpoint_dir, epoch + 1, {
+                    "format": CHECKPOINT_FORMAT,
+                    "config_hash": self.config.content_hash(),
+                    "step": ctx.step,
+                    "rng": _rng_state(self.device),
+                    "wall_s": metrics["wall_s"],
+                    "costs": self.costs.state_dict(),
+                    "stage": {"name": stage.name, "epoch": stage.epoch, "first_epoch": first,
+                              "model": stage.model.state_dict(), "optimizer": opt.state_dict(),
+                              "state": stage.state_dict(), "history": history},
+                })
+            if self.report:
+                self.report(dict(metrics))
+        ctx.epoch = first + stage.epochs
+        return history
 
     def layer_rows(self, ctx: TrainContext) -> list[LayerCost]:
         stats: dict[str, dict[str, float]] = {}
@@ -198,13 +302,30 @@ class Trainer:
             "accuracy": val_acc,
             "size_mb": cost.size_mb,
             "bops": cost.bops,
+            # Modelled (METHODS.md §7): bit-operations on low-precision training hardware.
+            "backward_bops": cost.backward_cost,
+            # Old name of backward_bops, kept while the store and dashboards move to the
+            # objective registry.
             "backward_cost": cost.backward_cost,
             "bwd_flops_saved": cost.bwd_flops_saved,
             "lr": ctx.optimizer.param_groups[0]["lr"] if ctx.optimizer else 0.0,
         }
+        # Executed FLOPs and measured backward time over the whole trial so far.
+        out.update(self.costs.metrics(self.macs, self.fp32_reference_s()))
         for m in self.methods:
             out.update({f"{m.name}.{k}": v for k, v in m.metrics(ctx).items()})
         return out
+
+    def fp32_reference_s(self) -> float:
+        """Backward seconds per sample of a plain FP32 step of this model on this device
+        (measured once per worker process, :func:`fp32_reference_backward_s`)."""
+        if self._fp32_ref_s is None:
+            cfg = self.config
+            batch = max(1, min(cfg.batch_size, len(self.data.train)))
+            self._fp32_ref_s = fp32_reference_backward_s(
+                cfg.model, self.data.num_classes, self.data.in_channels, self.data.input_shape,
+                batch, self.device)
+        return self._fp32_ref_s
 
     def final_test_metrics(self, ctx: TrainContext) -> dict[str, float]:
         """``test_accuracy`` and ``test_loss`` of the final weights: the one look at the test
@@ -227,32 +348,44 @@ class Trainer:
             "rng": _rng_state(self.device),
             "history": history,
             "wall_s": wall,
+            "costs": self.costs.state_dict(),
         }
 
-    def restore(self, ctx: TrainContext, ckpt: dict[str, Any]) -> None:
+    def _check_checkpoint(self, ckpt: dict[str, Any]) -> None:
         if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("config_hash") != self.config.content_hash():
             raise CheckpointError(
                 "checkpoint belongs to a different trial configuration; use a fresh checkpoint_dir"
             )
+
+    def restore(self, ctx: TrainContext, ckpt: dict[str, Any]) -> None:
+        self._check_checkpoint(ckpt)
         ctx.model.load_state_dict(ckpt["model"])
         ctx.optimizer.load_state_dict(ckpt["optimizer"])
         ctx.scheduler.load_state_dict(ckpt["scheduler"])
         for m in self.methods:
             m.load_state_dict(ckpt["methods"].get(m.name, {}))
         ctx.epoch, ctx.step = int(ckpt["epoch"]), int(ckpt["step"])
+        self.costs.load_state_dict(ckpt.get("costs", {}))
         _set_rng_state(ckpt["rng"], self.device)
 
     def run(self) -> TrainResult:
         cfg = self.config
-        start = time.perf_counter()
+        start = self._t_start = time.perf_counter()
         ckpt = load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
+        if ckpt is not None and "stage" in ckpt:  # killed during a precision stage
+            self._check_checkpoint(ckpt)
+            self._stage_resume, ckpt = ckpt, None
+            self._wall_before = float(self._stage_resume.get("wall_s", 0.0))
         ctx = self.setup(ckpt)
+        if self._stage_resume is not None:
+            raise CheckpointError(f"checkpoint of stage {self._stage_resume['stage']['name']!r}, "
+                                  "which this trial does not run; use a fresh checkpoint_dir")
         history: list[dict[str, Any]] = []
-        wall_before = 0.0
+        wall_before = self._wall_before
         if ckpt is not None:
             self.restore(ctx, ckpt)
             history = list(ckpt["history"])
-            wall_before = float(ckpt.get("wall_s", 0.0))
+            wall_before = self._wall_before = float(ckpt.get("wall_s", 0.0))
         else:
             ctx.epoch = max(ctx.epoch, ctx.qat_start_epoch)
         while ctx.epoch < cfg.epochs:
