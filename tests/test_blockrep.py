@@ -228,6 +228,11 @@ def test_model_without_split_is_a_config_error(monkeypatch):
     entry = model_registry.ModelEntry("nosplit-cnn", model_entry("tiny-cnn").builder,
                                       "throwaway test model", "1x8x8", split=None)
     monkeypatch.setitem(model_registry._MODELS, "nosplit-cnn", entry)
+    # The torch-free name catalog is what a config is validated against.
+    from qsearch.config import catalog
+
+    monkeypatch.setitem(catalog._MODELS, "nosplit-cnn",
+                        catalog.ModelInfo("nosplit-cnn", "throwaway test model", "1x8x8"))
     ok = parse_trial_config({"model": "nosplit-cnn", "device": "cpu"})
     assert ok.model == "nosplit-cnn"
     with pytest.raises(ConfigError, match="declares no block split") as err:
