@@ -229,3 +229,19 @@ def test_docs_live_in_the_repo_and_every_citation_resolves() -> None:
     assert outside == [] and unresolved == []
     for link in re.findall(r"\]\(([^)#:]+)\)", (ROOT / "README.md").read_text()):
         assert (ROOT / link).exists(), link
+
+
+def test_the_torch_free_catalog_matches_the_registries() -> None:
+    """The names a config is validated against without torch are exactly the models and
+    datasets the registries build (and a block split is declared where one exists)."""
+    code = (
+        "from qsearch.config import catalog\n"
+        "models = {n: catalog.model_info(n).has_split for n in catalog.model_names()}\n"
+        "datasets = catalog.dataset_names()\n"
+        "from qsearch.models import list_models, model_entry\n"
+        "from qsearch.data import list_datasets\n"
+        "assert models == {n: model_entry(n).split is not None for n in list_models()}, models\n"
+        "assert datasets == list_datasets(), datasets\n"
+        "print('ok')\n"
+    )
+    assert _run(code) == "ok"
