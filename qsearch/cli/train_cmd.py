@@ -13,9 +13,15 @@ from qsearch.cli import app, console
 
 #: ``accuracy`` is the per-epoch alias of ``val_accuracy``; ``test_accuracy`` and
 #: ``test_loss`` are measured once, on the final weights.
+#: Training cost three ways (METHODS.md §7): ``backward_flops`` executed, ``backward_time``
+#: (seconds per sample) and ``backward_time_ratio`` measured, ``backward_bops`` modelled
+#: (``backward_cost`` is its old name). With LTS on, the dotted keys below also carry
+#: ``lts.flops_saved_counted`` and ``lts.flops_saved_executed``.
 JSON_KEYS = ("val_accuracy", "accuracy", "test_accuracy", "test_loss", "size_mb", "bops",
+             "backward_flops", "backward_time", "backward_time_ratio", "backward_bops",
              "backward_cost", "epochs", "wall_s")
-EPOCH_COLUMNS = ("epoch", "train_loss", "val_accuracy", "size_mb", "backward_cost", "epoch_s")
+EPOCH_COLUMNS = ("epoch", "train_loss", "val_accuracy", "size_mb", "backward_flops",
+                 "backward_bops", "epoch_s")
 
 
 @app.command()
@@ -57,9 +63,12 @@ def train(
         console.print(f"final: val_accuracy={result.metrics['val_accuracy']:.4f} "
                       f"test_accuracy={result.metrics['test_accuracy']:.4f} "
                       f"size_mb={result.metrics['size_mb']:.4f} "
-                      f"backward_cost={result.metrics['backward_cost']:.4f}")
+                      f"backward_flops={result.metrics['backward_flops']:.4f} "
+                      f"backward_time={result.metrics['backward_time']:.3g}s/sample "
+                      f"(x{result.metrics.get('backward_time_ratio', float('nan')):.3f} FP32) "
+                      f"backward_bops={result.metrics['backward_bops']:.4f}")
     else:
-        final = {k: result.metrics[k] for k in JSON_KEYS}
+        final = {k: result.metrics[k] for k in JSON_KEYS if k in result.metrics}
         final.update({k: v for k, v in result.metrics.items() if "." in k})
         print(json.dumps(final))
 

@@ -76,9 +76,20 @@ def unregister_objective(name: str) -> None:
     _OBJECTIVES.pop(name, None)
 
 
-def register_alias(old: str, new: str) -> None:
-    """``old`` keeps working in specs as the previous name of ``new``."""
+_DEPRECATED: dict[str, str] = {}
+
+
+def register_alias(old: str, new: str, *, deprecated: str = "") -> None:
+    """``old`` keeps working in specs as the previous name of ``new``; ``deprecated`` is the
+    one-line notice a spec that still uses ``old`` gets when it is parsed."""
     _ALIASES[old] = new
+    if deprecated:
+        _DEPRECATED[old] = deprecated
+
+
+def deprecation_notice(name: str) -> str | None:
+    """The deprecation notice of an old objective name, or None."""
+    return _DEPRECATED.get(name)
 
 
 def resolve_name(name: str) -> str:
@@ -132,7 +143,27 @@ ACCURACY = register_objective(Objective(
 SIZE_MB = register_objective(Objective(
     "size_mb", "minimize", "size", unit="MB", kind="computed", known_before_training=True,
     description="weights at their bit widths plus FP32 extras (BN, biases, step sizes)"))
-BACKWARD_COST = register_objective(Objective(
-    "backward_cost", "minimize", "backward cost", unit="x FP32 BOPs", kind="modelled",
-    description="bit-operations of the backward pass on low-precision training hardware, "
-                "as a ratio to FP32 training; a model, not executed here"))
+# Training cost, three ways (METHODS.md §7). All are ratios to dense FP32 training of the same
+# model (1.0 = FP32), over the whole trial (every stage and extra forward included).
+BACKWARD_FLOPS = register_objective(Objective(
+    "backward_flops", "minimize", "backward FLOPs", unit="x FP32", kind="executed",
+    description="GEMM FLOPs the backward really ran per training sample (dX, the dW rows that "
+                "were not skipped, plus extra forwards: teacher, FP suffixes, hypernetwork), "
+                "over the whole trial, as a ratio to dense FP32 training of the same model; "
+                "fake-quantized operands cost FP32 FLOPs"))
+BACKWARD_TIME = register_objective(Objective(
+    "backward_time", "minimize", "backward time", unit="s / sample", kind="measured",
+    description="wall seconds of the backward per training sample on the trial's device, over "
+                "the whole trial; backward_time_ratio (beside it in the metrics) divides it by "
+                "a plain FP32 step of the same model measured on the same worker"))
+BACKWARD_BOPS = register_objective(Objective(
+    "backward_bops", "minimize",
+    "backward bit-operations on low-precision training hardware; not executed here",
+    unit="x FP32 BOPs", kind="modelled", known_before_training=False,
+    description="a model: bit-operations of the backward on hypothetical integer training "
+                "hardware at the operands' bit widths, with LTS-frozen elements free, as a "
+                "ratio to FP32 training (formerly backward_cost)"))
+register_alias("backward_cost", "backward_bops", deprecated=(
+    "objective 'backward_cost' is now 'backward_bops' (modelled bit-operations on "
+    "low-precision hardware, not executed); use 'backward_bops', or 'backward_flops' for the "
+    "FLOPs that really run"))

@@ -119,6 +119,31 @@ def grad_transforms(bits: int, granularity: str, channel_dim: int) -> tuple[Tran
     return per_sample, per_channel
 
 
+# ----------------------------------------------------------------------------- kernels
+
+
+def choose_kernel(device: torch.device, bits: int) -> str:
+    """How quantized gradients execute on ``device``: ``int8`` (CUDA, ``bits <= 8``: both
+    backward GEMMs on int8 levels through ``torch._int_mm``, :mod:`qsearch.quant.int8_gemm`)
+    or ``simulated`` (everywhere else: ``dY`` is fake-quantized and the GEMMs run in FP32, so
+    quantized gradients cost FP32 FLOPs and time)."""
+    from qsearch.quant.int8_gemm import int8_available
+
+    if bits <= 8 and int8_available(device):
+        return "int8"
+    return "simulated"
+
+
+def sr_levels(g: torch.Tensor, bits: int, keep: int | None = None):
+    """(levels, scale, lowest level, highest level) of the stochastically rounded ``g``: the
+    integer form of :func:`sr_quantize`'s eager path (same grid, same unbiased rounding), for
+    the INT8 GEMMs."""
+    lo, hi = _minmax(g, keep)
+    scale, qmin, qmax = sr_grid(lo, hi, bits)
+    lv = uniform_noise(g).addcmul_(g, scale.reciprocal()).floor_().clamp_(qmin, qmax)
+    return lv, scale, qmin, qmax
+
+
 # ----------------------------------------------------------------------------- hypernetwork
 
 
@@ -178,6 +203,8 @@ class GradQ(Method):
         self.g_prev: dict[str, torch.Tensor] = {}
         self.lrs: dict[str, float] = {}
         self.corr_ratio: dict[str, torch.Tensor] = {}
+        self.kernel = "simulated"
+        self.int8_layers = 0
 
     # -- set-up ------------------------------------------------------------------------
     def attach(self, ctx: TrainContext) -> None:
@@ -191,8 +218,17 @@ class GradQ(Method):
             self.bits[name] = b
             self.layers[name] = q
             if b < FP32_BITS:
-                dx, dw = grad_transforms(b, cfg.granularity, 1 if isinstance(q, QConv2d) else -1)
+                cdim = 1 if isinstance(q, QConv2d) else -1
+                dx, dw = grad_transforms(b, cfg.granularity, cdim)
                 q.backward.grad_dx, q.backward.grad_dw = dx, dw
+                if choose_kernel(ctx.device, b) == "int8":
+                    from qsearch.quant.int8_gemm import Int8GradGemm
+
+                    q.backward.int8 = Int8GradGemm(
+                        q, b, cfg.granularity,
+                        lambda g, keep, b=b: sr_levels(g, b, keep), cdim)
+                    self.int8_layers += 1
+        self.kernel = "int8" if self.int8_layers else "simulated"
         if not cfg.hypernet.enabled:
             return
         for name, b in self.bits.items():
@@ -233,8 +269,14 @@ class GradQ(Method):
     # -- reporting ---------------------------------------------------------------------
     def metrics(self, ctx: TrainContext) -> dict[str, float]:
         quantized = [b for b in self.bits.values() if b < FP32_BITS]
-        out = {"bits": float(self.config.bits),
-               "quantized_layers": float(len(quantized)) / max(1, len(self.bits))}
+        out: dict[str, Any] = {
+            "bits": float(self.config.bits),
+            "quantized_layers": float(len(quantized)) / max(1, len(self.bits)),
+            # "simulated": fake-quantized dY, FP32 GEMMs (what backward_flops counts);
+            # "int8": INT8 GEMMs on CUDA where a layer's operands allow it.
+            "kernel": self.kernel,
+            "int8_layers": float(self.int8_layers) / max(1, len(self.bits)),
+        }
         if self.corr_ratio:
             ratios = [float(v) for v in self.corr_ratio.values()]
             out["hypernet.correction_ratio"] = sum(ratios) / len(ratios)
