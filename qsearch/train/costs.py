@@ -11,7 +11,8 @@ stages such as CSQ's stage 1 alike), so it covers the whole trial:
   Fake-quantized operands cost FP32 FLOPs here: nothing runs at low precision on CPU.
 * ``backward_time`` (measured): wall seconds per training sample spent in the backward part
   of a step — the methods' ``loss`` hooks (their extra forwards) and ``loss.backward()`` —
-  on the trial's device (``time.perf_counter`` on CPU, whose ops are synchronous;
+  on the trial's device (the gradq hypernetwork's forward runs inside the model's forward, so
+  only its backward is in this time; its FLOPs are all in ``backward_flops``) (``time.perf_counter`` on CPU, whose ops are synchronous;
   ``torch.cuda.Event`` pairs on CUDA, read once per report). ``backward_time_ratio`` divides
   it by the backward of one plain FP32 training step of the same architecture, batch size and
   device, measured in this process (cached: measured once per worker, see
