@@ -54,6 +54,13 @@ def test_training_reports_every_epoch_and_learns(tiny_config):
     assert result.weight_bits == {"stage1.0": 8, "stage2.0.0": 4, "stage3.0": 4, "fc": 8}
     steps = [m for m in result.model.modules() if isinstance(m, LSQQuantizer)]
     assert all(bool(q.initialized) for q in steps)
+    # Weight steps are initialised from the (cached, deterministic) warm-start weights when the
+    # layers are built: every one must have moved from that init, by more than round-off
+    # (the 8-bit fc's step moves least: ~6e-4 relative in 2 epochs).
+    init = Trainer(cfg).setup(None).qlayers
+    for name, q in qlayers.items():
+        s0, s1 = init[name].w_quant.step.item(), q.w_quant.step.item()
+        assert abs(s1 - s0) > 1e-5 * s0, (name, s0, s1)
     assert [r["lr"] for r in reports][0] > [r["lr"] for r in reports][1]  # cosine schedule
 
 
