@@ -1,7 +1,8 @@
 """LTS: freeze weights that sit on their quantization level (METHODS.md §2).
 
 Every training step (in ``before_forward``, under no_grad) each quantized weight element gets
-its distance to the nearest LSQ level, ``e = |w/s - round(w/s)|`` (before clipping), folded
+its distance to the level the forward uses, ``e = |w/s - clamp(round(w/s), -Qn, Qp)|`` (a
+clipped weight keeps its clipping error, so it never freezes on a fake small distance), folded
 into an EMA ``d``; a level change resets ``d`` to one full level. After the warm-up, elements
 with ``d <= theta_t`` freeze for good. A frozen element does not change at all: its gradient
 is zeroed, its value is restored after the optimizer step (so weight decay and momentum
