@@ -25,8 +25,10 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
     spec = parse_study_spec(tiny_spec(
         "e2e", db_url, tmp_path,
         budget={"num_trials": 6, "max_concurrent": 1},
+        objectives=["val_accuracy", "size_mb", "backward_flops"],
         sampler={"type": "random", "seed": 2},
-        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        scheduler={"type": "asha", "metric": "val_accuracy", "grace_period": 1,
+                   "reduction_factor": 2},
         search_space={
             "w_bits": {"type": "categorical", "choices": [2, 4, 8]},
             "lr": {"type": "float", "low": 0.002, "high": 0.05, "log": True},
@@ -36,7 +38,8 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
     assert result.status == "finished" and result.counted == 6
 
     study = optuna.load_study(study_name="e2e", storage=db_url)
-    assert study.metric_names == ["accuracy", "size_mb", "backward_cost"]
+    # Selection is on validation data: test accuracy is stored, never an Optuna objective.
+    assert study.metric_names == ["val_accuracy", "size_mb", "backward_flops"]
     by_state = {st: [t for t in study.trials if t.state == st] for st in TrialState}
     assert not by_state[TrialState.RUNNING]
     assert by_state[TrialState.COMPLETE], "the seed should give finished trials"
@@ -65,7 +68,13 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
         for t in by_state[TrialState.COMPLETE]:
             curve = queries.epoch_metrics(store, "e2e", t.number)
             assert [r["epoch"] for r in curve] == [1, 2, 3]
-            assert curve[-1]["accuracy"] == pytest.approx(t.values[0])
+            assert curve[-1]["val_accuracy"] == pytest.approx(t.values[0])
+            assert rows[t.number].values["val_accuracy"] == pytest.approx(t.values[0])
+            assert 0 < rows[t.number].values["test_accuracy"] <= 1
+            assert all("test" not in k for k in curve[0]["metrics"])  # measured once, at the end
+        # The two splits give different numbers; Optuna holds the validation one.
+        assert any(rows[t.number].values["test_accuracy"] != pytest.approx(t.values[0])
+                   for t in by_state[TrialState.COMPLETE])
             layers = queries.layer_records(store, "e2e", t.number)
             assert len(layers) >= 3 and layers[0]["w_bits"] == 8  # first layer at 8 bits
             assert all(r["w_bits"] == t.params["w_bits"] for r in layers[1:-1])
