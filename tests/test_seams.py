@@ -245,3 +245,19 @@ def test_the_torch_free_catalog_matches_the_registries() -> None:
         "print('ok')\n"
     )
     assert _run(code) == "ok"
+
+
+def test_read_only_commands_do_not_import_torch(tmp_path) -> None:
+    """``qsearch studies`` and ``qsearch pareto`` on a real store: no torch, Ray or Optuna."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    _run(f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+         "from _dash_data import write_synthetic_study\n"
+         f"write_synthetic_study({url!r}, 'synth', 20)\n")
+    code = (
+        "import sys\n"
+        "from qsearch.cli import main\n"
+        f"assert main(['studies', '--storage', {url!r}]) == 0\n"
+        f"assert main(['pareto', 'synth', '--storage', {url!r}, '--format', 'json']) == 0\n"
+        "print([m for m in ('torch', 'ray', 'optuna') if m in sys.modules])\n"
+    )
+    assert _run(code).splitlines()[-1] == "[]"
