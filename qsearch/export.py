@@ -47,22 +47,35 @@ def select_trial(store: Store, study: str, *, trial: int | None = None, rule: st
     _, points = queries.pareto_front(store, study)
     if not points:
         raise ConfigError("study", f"study {study!r} has no completed trial yet")
+    acc = accuracy_objective(rec.objectives)
+    cost = next((o for o in rec.objectives if o.startswith("backward")), None)
+
+    def value(p: Any, name: str | None) -> float:
+        v = p.value(name) if name and hasattr(p, "value") else (p[name] if name else None)
+        return float("nan") if v is None else float(v)
+
     pts = [p for p in points
-           if (max_size_mb is None or p["size_mb"] <= max_size_mb)
-           and (min_accuracy is None or p["accuracy"] >= min_accuracy)
-           and (max_backward_cost is None or p["backward_cost"] <= max_backward_cost)]
+           if (max_size_mb is None or value(p, "size_mb") <= max_size_mb)
+           and (min_accuracy is None or value(p, acc) >= min_accuracy)
+           and (max_backward_cost is None or value(p, cost) <= max_backward_cost)]
     if not pts:
         raise ConfigError("filters", f"none of the {len(points)} Pareto trials meets the "
                           "--max-size-mb/--min-accuracy/--max-backward-cost limits")
     if rule == "max-accuracy":
-        return min(pts, key=lambda p: (-p["accuracy"], p["size_mb"], p["trial_number"]))[
-            "trial_number"]
+        return min(pts, key=lambda p: (-value(p, acc), value(p, "size_mb"),
+                                       p["trial_number"]))["trial_number"]
     if rule == "min-size":
-        return min(pts, key=lambda p: (p["size_mb"], -p["accuracy"], p["trial_number"]))[
-            "trial_number"]
+        return min(pts, key=lambda p: (value(p, "size_mb"), -value(p, acc),
+                                       p["trial_number"]))["trial_number"]
     objs, dirs = rec.objectives, rec.directions
-    vals = np.array([[p[o] for o in objs] for p in pts], dtype=float)
+    vals = np.array([[value(p, o) for o in objs] for p in pts], dtype=float)
     return pts[knee_index(vals, dirs)]["trial_number"]
+
+
+def accuracy_objective(objectives: list[str]) -> str | None:
+    """The study's accuracy objective: ``val_accuracy`` (since validation splits), or
+    ``accuracy`` for a study stored before them."""
+    return next((o for o in ("val_accuracy", "accuracy") if o in objectives), None)
 
 
 def _sha256(path: Path) -> str:
@@ -96,7 +109,10 @@ def export_trial(store: Store, study: str, number: int, out: str | Path) -> dict
         "provenance": {"study": study, "trial": number, "spec_hash": rec.spec_hash,
                        "qsearch_version": __version__, "storage": store.masked_url,
                        "exported_at": utcnow().isoformat() + "Z"},
-        "objectives": {k: row[k] for k in ("accuracy", "size_mb", "backward_cost", "bops")},
+        # Every value the store holds for the trial, by name (optimized and reported ones,
+        # e.g. test_accuracy); ``accuracy`` is the figure `qsearch eval` compares first.
+        "objectives": {**dict(row.values), "accuracy": row.value(
+            accuracy_objective(rec.objectives) or "accuracy")},
         "config": row["config"],
         "precision": {r["name"]: {k: r[k] for k in ("kind", "w_bits", "a_bits", "g_bits",
                                                     "params", "macs", "frozen_fraction")}
