@@ -95,3 +95,19 @@ def test_space_command_prints_the_expanded_space(tmp_path, capsys, monkeypatch):
     path.write_text(path.read_text().replace("layers.*.w_bits", "layers.conv*.w_bits"))
     assert main(["space", str(path)]) == 2
     assert "matches no layer" in capsys.readouterr().err
+
+
+def test_launch_dry_run_prints_the_expanded_space_and_writes_nothing(tmp_path, monkeypatch,
+                                                                     capsys):
+    from pathlib import Path
+
+    from qsearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("QSEARCH_STORAGE", raising=False)
+    spec = Path(__file__).resolve().parents[1] / "studies" / "perlayer-digits.yaml"
+    assert main(["launch", str(spec), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "layers.stage2.0.0.w_bits" in out and "(from layers.*.w_bits)" in out
+    assert "val_accuracy: maximize" in out
+    assert list(tmp_path.iterdir()) == []  # no database, no artifacts folder

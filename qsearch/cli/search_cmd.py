@@ -58,6 +58,9 @@ def launch(
     verbose: Annotated[bool, typer.Option(
         help="library logs (Optuna, Ray, Tune) on the terminal instead of the study's "
              "driver.log")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="validate the spec, print the expanded search space, objectives "
+        "and constraints (as `qsearch space`), write nothing and run nothing")] = False,
 ) -> None:
     """Run or resume a study until its trial budget is used up."""
     # The spec is checked in full before anything is written (no database, no folder): its
@@ -69,6 +72,11 @@ def launch(
 
     study = load_study_spec(spec, storage=storage or os.environ.get("QSEARCH_STORAGE"), name=name)
     check_launch(study, ray_address=ray_address, num_cpus=num_cpus)
+    if dry_run:
+        from qsearch.cli.study_cmd import space
+
+        space(spec)
+        return
     from qsearch.search.driver import artifacts_dir
     from qsearch.search.logs import route_logs
 
