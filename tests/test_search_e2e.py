@@ -72,12 +72,12 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
             assert rows[t.number].values["val_accuracy"] == pytest.approx(t.values[0])
             assert 0 < rows[t.number].values["test_accuracy"] <= 1
             assert all("test" not in k for k in curve[0]["metrics"])  # measured once, at the end
-        # The two splits give different numbers; Optuna holds the validation one.
-        assert any(rows[t.number].values["test_accuracy"] != pytest.approx(t.values[0])
-                   for t in by_state[TrialState.COMPLETE])
             layers = queries.layer_records(store, "e2e", t.number)
             assert len(layers) >= 3 and layers[0]["w_bits"] == 8  # first layer at 8 bits
             assert all(r["w_bits"] == t.params["w_bits"] for r in layers[1:-1])
+        # The two splits give different numbers; Optuna holds the validation one.
+        assert any(rows[t.number].values["test_accuracy"] != pytest.approx(t.values[0])
+                   for t in by_state[TrialState.COMPLETE])
         for t in by_state[TrialState.PRUNED]:
             assert len(queries.epoch_metrics(store, "e2e", t.number)) == t.user_attrs["pruned_at_epoch"]
             assert rows[t.number]["weights_path"] is None
