@@ -334,10 +334,21 @@ def export(
     else:
         doc = export_trial(store, study, number, out)
         written = f"{output} (+ {doc['weights']['file']})"
+    from qsearch.config.objectives import get_objective
+
     o = doc["objectives"]
-    console.print(f"exported trial {number} of {study} to {written}: "
-                  f"accuracy {o['accuracy']:.4f}, size {o['size_mb']:.4g} MB, "
-                  f"backward cost {o['backward_cost']:.4g}", highlight=False)
+    shown = []
+    for name in [n for n in o if n != "accuracy"] if "val_accuracy" in o else list(o):
+        v = o.get(name)
+        if not isinstance(v, (int, float)):
+            continue
+        try:
+            unit = get_objective(name).unit
+        except KeyError:
+            unit = ""
+        shown.append(f"{name} {v:.4g}{' ' + unit if unit else ''}")
+    console.print(f"exported trial {number} of {study} to {written}: {', '.join(shown)}",
+                  highlight=False, soft_wrap=True)
     if fmt == "onnx":
         console.print(format_size_report(r["size"]), highlight=False, soft_wrap=True)
 

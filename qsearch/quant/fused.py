@@ -118,7 +118,13 @@ class FusedKernel:
             raise CompileFailed from e
 
     def usable(self, t: torch.Tensor) -> bool:
-        return not self.broken and compile_enabled(t.device)
+        # Under a TorchScript trace (e.g. the ONNX exporter) the eager ops must be recorded.
+        return not self.broken and not torch.jit.is_tracing() and compile_enabled(t.device)
+
+    def reset(self) -> None:
+        """Forget compiled copies and a previous failure (the next call compiles again)."""
+        self._compiled.clear()
+        self.broken = False
 
 
 class CompileFailed(RuntimeError):

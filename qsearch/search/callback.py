@@ -166,8 +166,9 @@ class StoreCallback(Callback):
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         """Tune's loop step, outside any trial: a recording failure stops the study here
         (the driver then closes the open trials and releases its lease)."""
-        if self.failure is not None:
-            raise self.failure
+        failure = self.failure or getattr(self.searcher, "failure", None)
+        if failure is not None:
+            raise failure
 
     @_deferring_errors
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -37,7 +37,7 @@ from ray.tune.search import Searcher
 from qsearch import protocol as P
 from qsearch.config import StudySpec
 from qsearch.config.objectives import get_objective
-from qsearch.errors import QsearchError
+from qsearch.errors import QsearchError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class StudySearcher(Searcher):
         self.record = record or (lambda *_: None)
         #: Set by the driver: once its ``requested`` is true, endings are interruptions.
         self.interrupt: Any = None
+        #: Why :meth:`suggest` stopped suggesting (raised by the driver's callback).
+        self.failure: Exception | None = None
         self.outcomes: dict[str, Outcome] = {}
         self.numbers: dict[str, int] = {}
         self.proposed = 0  # configs handed to Tune or reused, toward ``budget``
@@ -162,7 +164,7 @@ class StudySearcher(Searcher):
     # storage and sampler (some hold locks) do not travel: only bookkeeping is kept.
     def __getstate__(self) -> dict[str, Any]:
         return {"objectives": self.objectives, "proposed": self.proposed,
-                "reused": self.reused, "skipped": self.skipped}
+                "reused": self.reused, "skipped": self.skipped, "failure": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -179,6 +181,27 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """The next trial's assignment, ``FINISHED`` at the budget, or None after a failure.
+
+        A failure here (the database down past every retry, a space the constraints leave
+        empty) is kept in :attr:`failure` rather than raised: raised inside Tune's loop it
+        would end the run with Tune's traceback. The driver's callback raises it from
+        ``on_step_begin``, where the study stops with one line."""
+        if self.failure is not None:
+            return None
+        try:
+            return self._suggest(trial_id)
+        except QsearchError as e:
+            self.failure = e
+        except Exception as e:  # noqa: BLE001 - Optuna's storage, past the store's retries
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failure = StorageError(f"the Optuna storage failed while asking for a trial: "
+                                        f"{first}")
+            self.failure.__cause__ = e
+        log.error("stopping the study: %s", self.failure)
+        return None
+
+    def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         for _ in range(MAX_SKIPPED_IN_A_ROW):
             if self.budget is not None and self.proposed >= self.budget:
                 return Searcher.FINISHED
