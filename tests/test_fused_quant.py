@@ -196,25 +196,6 @@ def test_sr_fused_within_one_level_of_eager(keep):
 
 
 @needs_compile
-@pytest.mark.parametrize("keep", [None, 0, 1])
-def test_sr_fused_is_unbiased(keep):
-    """Mean of K draws (fresh seeds per draw, as per training step) -> x within 5 standard
-    errors (std of one draw <= s/2) plus the 2^-20-step noise resolution. The bound has teeth:
-    round-to-nearest on the same grid exceeds it."""
-    x, bits, draws = _sample_tensor(), 4, 2000
-    gen = torch.Generator().manual_seed(1)
-    total = torch.zeros_like(x, dtype=torch.float64)
-    for _ in range(draws):
-        total += sr_quantize(x, bits, keep, generator=gen)
-    mean = total / draws
-    s = _scales(x, bits, keep).double()
-    tol = 5 * s / (2 * math.sqrt(draws)) + s * 2.0**-20
-    assert bool(((mean - x.double()).abs() <= tol).all())
-    nearest = (x / s.float()).round() * s.float()
-    assert bool(((nearest.double() - x.double()).abs() > tol).any())
-
-
-@needs_compile
 def test_sr_fused_rounds_stochastically_not_to_nearest():
     """A value 0.3 levels above a grid point goes up in ~30% of draws (nearest: never)."""
     x = torch.zeros(4096)
