@@ -445,11 +445,10 @@ def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, 
     stage = SearchStage(c, net, epochs1, layers, budget)
     history = ctx.run_stage(stage)
     acc = history[-1]["accuracy"]
-    if stage.hard is None:
-        stage.draw_ticket()
-        acc, _ = ctx.evaluate(net)
     hard = stage.hard
-    assert hard is not None
+    if hard is None:  # stage 1 ended before its ticket step: harden now
+        hard = stage.draw_ticket()
+        acc, _ = ctx.evaluate(net)
     bits = hard.bits()
     if c.carry_weights:
         _carry(net, model, layers)
