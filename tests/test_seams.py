@@ -261,3 +261,20 @@ def test_read_only_commands_do_not_import_torch(tmp_path) -> None:
         "print([m for m in ('torch', 'ray', 'optuna') if m in sys.modules])\n"
     )
     assert _run(code).splitlines()[-1] == "[]"
+
+
+def test_live_table_columns_are_the_studys_objectives_with_what_they_are() -> None:
+    """The live table shows the study's own objectives and says what kind each figure is."""
+    from rich.console import Console
+
+    from qsearch.search.display import LiveDisplay
+
+    console = Console(width=200, record=True)
+    view = LiveDisplay("s", 2, 0, console=console, enabled=False,
+                       objectives=["val_accuracy", "backward_flops"])
+    view.event("epoch", 0, {"epoch": 1, "val_accuracy": 0.875, "backward_flops": 0.625})
+    console.print(view._render())
+    text = " ".join(console.export_text().split())  # the caption wraps at the table's width
+    assert "0.875" in text and "0.625" in text
+    assert "backward_flops: backward FLOPs (x FP32, executed)" in text
+    assert "val_accuracy: validation accuracy (top-1, measured)" in text

@@ -26,8 +26,11 @@ class LiveDisplay:
     """Call :meth:`event` from the driver's callback; ``max_rows`` newest trials are shown."""
 
     def __init__(self, study: str, total: int, already: int, console: Console | None = None,
-                 max_rows: int = 20, enabled: bool = True):
+                 max_rows: int = 20, enabled: bool = True,
+                 objectives: list[str] | None = None):
         self.study, self.total, self.max_rows = study, total, max_rows
+        #: The study's objectives, as the columns (the caption says what each figure is).
+        self.objectives = list(objectives or ["val_accuracy", "size_mb", "backward_flops"])
         self.rows: dict[int, dict[str, Any]] = {}
         self.done = already
         self.progress = Progress(TextColumn(f"[bold]{study}[/]"), BarColumn(),
@@ -52,7 +55,7 @@ class LiveDisplay:
         if kind == "start":
             row["params"] = ", ".join(f"{k}={format_value(v)}" for k, v in data["params"].items())
         elif kind == "epoch":
-            row.update({k: data.get(k) for k in ("epoch", "accuracy", "size_mb", "backward_cost")})
+            row.update({k: data.get(k) for k in ("epoch", *self._keys())})
         elif kind == "retry":
             row.update(state=f"RETRY {data['retries']}", error=data.get("error"))
         elif kind == "end":
@@ -65,15 +68,29 @@ class LiveDisplay:
             self._last = now
             self.live.update(self._render())
 
+    def _keys(self) -> list[str]:
+        from qsearch.config.objectives import get_objective
+
+        keys = []
+        for name in self.objectives:
+            try:
+                keys.append(get_objective(name).metric_key)
+            except KeyError:
+                keys.append(name)
+        return keys
+
     def _render(self) -> Group:
-        t = Table(title=f"study {self.study}", expand=False)
-        for c in ("#", "state", "epoch", "accuracy", "size_mb", "bwd_cost", "params / error"):
+        from qsearch.config.objectives import label_of
+
+        t = Table(title=f"study {self.study}", expand=False,
+                  caption="; ".join(f"{o}: {label_of(o)}" for o in self.objectives))
+        for c in ("#", "state", "epoch", *self.objectives, "params / error"):
             t.add_column(c, justify="right" if c not in ("state", "params / error") else "left")
+        keys = self._keys()
         for n in sorted(self.rows)[-self.max_rows:]:
             r = self.rows[n]
             st = r.get("state", "RUNNING")
             t.add_row(str(n), f"[{_STYLE.get(st, '')}]{st}[/]", format_value(r.get("epoch")),
-                      format_value(r.get("accuracy")), format_value(r.get("size_mb")),
-                      format_value(r.get("backward_cost")),
+                      *(format_value(r.get(k, r.get(o))) for k, o in zip(keys, self.objectives)),
                       (r.get("error") or r.get("params") or "")[:70])
         return Group(t, self.progress)

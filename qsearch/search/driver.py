@@ -346,6 +346,7 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         searcher = StudySearcher(run_spec, study, storage, optuna_space(run_spec),
                                  budget=remaining, known=known_values)
         view = LiveDisplay(spec.name, spec.budget.num_trials, done, console=console,
+                           objectives=list(spec.objectives),
                            enabled=display)
         callback = StoreCallback(store, rec.id, spec, searcher, on_event=view.event)
         searcher.record = _deferred(callback)
