@@ -59,14 +59,17 @@ def train(
         table.add_row(*(f"{m.get(c):.4g}" if isinstance(m.get(c), float) else str(m.get(c, ""))
                         for c in EPOCH_COLUMNS))
     if not as_json:
+        from qsearch.config.objectives import label_of
+
         console.print(table)
-        console.print(f"final: val_accuracy={result.metrics['val_accuracy']:.4f} "
-                      f"test_accuracy={result.metrics['test_accuracy']:.4f} "
-                      f"size_mb={result.metrics['size_mb']:.4f} "
-                      f"backward_flops={result.metrics['backward_flops']:.4f} "
-                      f"backward_time={result.metrics['backward_time']:.3g}s/sample "
-                      f"(x{result.metrics.get('backward_time_ratio', float('nan')):.3f} FP32) "
-                      f"backward_bops={result.metrics['backward_bops']:.4f}")
+        m = result.metrics
+        names = ("val_accuracy", "test_accuracy", "size_mb", "backward_flops", "backward_time",
+                 "backward_bops")
+        console.print("final: " + "; ".join(
+            f"{n} {m[n]:.4g}" + (f" (x{m['backward_time_ratio']:.3f} of an FP32 step)"
+                                 if n == "backward_time" and "backward_time_ratio" in m else "")
+            + f" — {label_of(n)}" for n in names if isinstance(m.get(n), (int, float))),
+            highlight=False, soft_wrap=True)
     else:
         final = {k: result.metrics[k] for k in JSON_KEYS if k in result.metrics}
         final.update({k: v for k, v in result.metrics.items() if "." in k})
