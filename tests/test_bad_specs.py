@@ -493,3 +493,27 @@ def test_study_files_name_commands_that_exist():
         comments = [ln for ln in path.read_text().splitlines() if ln.lstrip().startswith("#")]
         for cmd in re.findall(r"\bqsearch ([a-z][a-z_-]*)", "\n".join(comments)):
             assert cmd in commands, f"{path.name} suggests `qsearch {cmd}`"
+
+
+@pytest.mark.postgres
+def test_store_api_does_not_retry_a_database_that_does_not_exist(monkeypatch):
+    """An API caller (no CLI probe) gets one StorageError with the fix, at once: a missing
+    database is permanent, so the store must not spend its retries on it. Mutation: treat
+    every non-SQLite OperationalError as transient (the old rule) -> the retry counter and
+    the message checks fail."""
+    if not _pg_reachable():
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL on 127.0.0.1:5432 is unreachable under CI=true")
+        pytest.skip("PostgreSQL on 127.0.0.1:5432 unreachable")
+    from qsearch.errors import StorageError
+    from qsearch.store import engine
+
+    attempts = []
+    real = engine.is_transient
+    monkeypatch.setattr(engine, "is_transient", lambda e: attempts.append(e) or real(e))
+    db = engine.Database("postgresql+psycopg://postgres@127.0.0.1:5432/qs_no_such_database",
+                         retries=3)
+    with pytest.raises(StorageError) as e:
+        db.has_schema()
+    assert "createdb" in str(e.value) and "\n" not in str(e.value)
+    assert len(attempts) == 1 and not real(attempts[0])

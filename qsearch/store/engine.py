@@ -35,6 +35,7 @@ from sqlalchemy.exc import (
 )
 
 from qsearch.config import defaults
+from qsearch.config.urls import explain_database_error
 from qsearch.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,10 @@ def is_transient(exc: BaseException) -> bool:
             # SQLite reports most errors (a missing table, bad SQL) as OperationalError too;
             # only a held lock is worth waiting for.
             return any(w in str(cause.orig).lower() for w in ("locked", "busy"))
-        return True  # connection lost/refused, server shutting down, failover
+        # Connection lost/refused, server shutting down, failover: worth a retry. A database
+        # or user that does not exist, a refused password: a retry only delays the one-line
+        # fix (explain_database_error) the caller should see.
+        return explain_database_error(cause, "") is None
     return isinstance(cause, InterfaceError)
 
 
@@ -233,6 +237,9 @@ class Database:
         except (StorageError, ConfigError):
             raise
         except OperationalError as e:
+            fix = explain_database_error(e, self.url)
+            if fix is not None:
+                raise StorageError(f"{what}: {fix}") from e
             raise StorageError(f"{what}: database {self.masked_url} is unreachable or "
                                f"refused the operation: {first_line(e)}") from e
         except SQLAlchemyError as e:
