@@ -278,3 +278,38 @@ def test_live_table_columns_are_the_studys_objectives_with_what_they_are() -> No
     assert "0.875" in text and "0.625" in text
     assert "backward_flops: backward FLOPs (x FP32, executed)" in text
     assert "val_accuracy: validation accuracy (top-1, measured)" in text
+
+
+def test_live_view_pins_progress_with_eta_and_best_and_lists_the_front_in_full() -> None:
+    """A short terminal with many trials: the progress bar (elapsed, ETA, best so far) stays
+    on screen above the table, and the front's trials are listed with their full params.
+    Mutations: the bar after the table (it is cut off at this height); a front that ignores
+    dominance or feasibility; params truncated in the front list."""
+    from rich.console import Console
+
+    from qsearch.search.display import LiveDisplay
+
+    console = Console(width=120, height=24, record=True)
+    view = LiveDisplay("s", 40, 0, console=console, enabled=False,
+                       objectives=["val_accuracy", "size_mb"])
+    long = {f"layers.stage{i}.conv.w_bits": 2 + i for i in range(8)}
+    for n in range(30):  # dominated filler: low accuracy, large
+        view.event("start", n, {"params": {"w_bits": 8}})
+        view.event("end", n, {"state": "COMPLETE", "val_accuracy": 0.5, "size_mb": 9.0})
+    view.event("start", 30, {"params": long})
+    view.event("end", 30, {"state": "COMPLETE", "val_accuracy": 0.9, "size_mb": 1.0})
+    view.event("start", 31, {"params": {"w_bits": 3}})
+    view.event("end", 31, {"state": "COMPLETE", "val_accuracy": 0.8, "size_mb": 0.5})
+    view.event("start", 32, {"params": {"w_bits": 1}})  # would dominate, but infeasible
+    view.event("end", 32, {"state": "COMPLETE", "val_accuracy": 0.95, "size_mb": 0.1,
+                           "feasible": False})
+    assert view.front() == [30, 31]
+    assert view.best_so_far() == "best val_accuracy 0.9 (#30)"
+    console.print(view._render())
+    lines = console.export_text().splitlines()
+    assert len(lines) <= 24 + 4  # the front may wrap a line or two
+    assert "elapsed" in lines[0] and "ETA" in lines[0] and "best val_accuracy 0.9 (#30)" in lines[0]
+    text = "\n".join(lines)
+    full = ", ".join(f"{k}={v}" for k, v in long.items())
+    assert f"#30: {full}" in " ".join(text.split())
+    assert "#31: w_bits=3" in text and "#32:" not in text

@@ -144,7 +144,8 @@ class StoreCallback(Callback):
                             reference=dict(self.spec.reference_point) or None,
                             prune_weights=self.spec.artifacts.keep == "pareto")
         self.on_event("end", number, {"state": outcome.state.name, **outcome.values,
-                                      "epoch": outcome.epochs_completed, "error": outcome.error})
+                                      "epoch": outcome.epochs_completed, "error": outcome.error,
+                                      "feasible": outcome.feasible})
 
     def record_outside_tune(self, number: int, outcome: Outcome, params: dict[str, Any],
                             config: dict[str, Any] | None) -> None:
@@ -160,7 +161,9 @@ class StoreCallback(Callback):
             feasible=outcome.feasible if outcome.constraints else None,
             reused_from=outcome.reused_from)
         self.on_event("end", number, {"state": outcome.state.name, **outcome.values,
-                                      "epoch": 0, "error": outcome.error or outcome.detail})
+                                      "epoch": 0, "error": outcome.error or outcome.detail,
+                                      "feasible": outcome.feasible,
+                                      "reused_from": outcome.reused_from})
 
     # -------------------------------------------------------------- Tune hooks
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
