@@ -16,14 +16,19 @@ driven by torch's global RNG on the tensor's device (see :func:`uniform_noise`),
 deterministic under its seed and a resumed run continues the stream (the trainer checkpoints
 the RNG state).
 
-Hypernetwork compensation is our reconstruction of MetaGrad (its internals are not public),
-following MetaQuant's mechanism: per quantized-gradient layer, a coordinate-wise MLP
-``H: 1 -> h -> 1`` maps the previous step's (quantized-backward) weight gradient ``G_prev`` to
-a correction entering the next forward, ``W_meta = W - lr * H(G_prev)``. The task loss trains
-``H`` through ``W_meta`` with its own Adam. ``H`` is made scale-free and zero-preserving:
-``H(g) = rms(g) * (m(g/rms(g)) - m(0))``, with ``m``'s output layer initialised to zero, so
-training starts exactly from the plain forward and a zero gradient (an LTS-frozen weight) gets
-no correction. ``W_meta`` is a training-time construct: evaluation and export use ``W``.
+Hypernetwork compensation is our reconstruction of MetaGrad (its internals are not public)
+with MetaQuant's mechanism (Chen, Wang, Pan, NeurIPS 2019). Per quantized-gradient layer, a
+coordinate-wise MLP ``H: 1 -> h -> 1`` maps the layer's last (quantized-backward) weight
+gradient ``G_prev`` to a weight update ``-lr * H(G_prev)`` on top of the optimizer's own step.
+That update is applied and kept: the next training forward uses
+``W_meta = W - lr * H(G_prev)`` with ``H`` in the graph, and once that step's backward has run
+``W_meta`` is committed to the weights (``W <- W_meta``, before the optimizer steps on the
+gradient taken at ``W_meta``). So the loss after the update trains ``H`` (one-step meta
+gradient, ``dL/dphi = -lr * (dL/dW_meta) . dH/dphi``), with its own Adam. ``H`` is made
+scale-free and zero-preserving: ``H(g) = rms(g) * (m(g/rms(g)) - m(0))``, with ``m``'s output
+layer initialised to zero, so training starts exactly as plain QAT and a zero gradient (an
+LTS-frozen weight) gets no update. Evaluation and export use the committed ``W``; only the
+update from the very last gradient of a run (or epoch) is still pending at evaluation.
 """
 
 from __future__ import annotations
@@ -170,7 +175,10 @@ class Hypernet(nn.Module):
 
 
 class _MetaWeight:
-    """``layer.weight_transform``: ``W -> W - lr * H(G_prev)`` while training, else ``W``."""
+    """``layer.weight_transform``: ``W -> W - lr * H(G_prev)`` while training, else ``W``.
+
+    The update ``lr * H(G_prev)`` (detached) is kept in ``method.pending`` so that
+    :meth:`GradQ.after_backward` commits exactly the weights this forward used."""
 
     def __init__(self, method: GradQ, name: str, layer: QuantLayer):
         self.method, self.name, self.layer = method, name, layer
@@ -180,9 +188,11 @@ class _MetaWeight:
         if g is None or not self.layer.training:
             return w
         corr = self.method.hyper[self.method.hyper_index[self.name]](g)
+        delta = self.method.lrs.get(self.name, 0.0) * corr
         with torch.no_grad():
             self.method.corr_ratio[self.name] = corr.norm() / g.norm().clamp_min(1e-30)
-        return w - self.method.lrs.get(self.name, 0.0) * corr
+        self.method.pending[self.name] = delta.detach()
+        return w - delta
 
 
 # ----------------------------------------------------------------------------- the method
@@ -203,6 +213,13 @@ class GradQ(Method):
         self.g_prev: dict[str, torch.Tensor] = {}
         self.lrs: dict[str, float] = {}
         self.corr_ratio: dict[str, torch.Tensor] = {}
+        #: The meta update ``lr * H(G_prev)`` the current step's forward used, per layer,
+        #: committed to the weights in ``after_backward``.
+        self.pending: dict[str, torch.Tensor] = {}
+        #: Norm of the last committed meta update and of the optimizer's last step, per layer.
+        self.meta_norm: dict[str, torch.Tensor] = {}
+        self.step_norm: dict[str, torch.Tensor] = {}
+        self._before_step: dict[str, torch.Tensor] = {}
         self.kernel = "simulated"
         self.int8_layers = 0
 
@@ -250,9 +267,19 @@ class GradQ(Method):
 
     @torch.no_grad()
     def after_backward(self, ctx: TrainContext) -> None:
-        """Keep this step's weight gradients: the hypernetwork's input at the next step."""
+        """Commit the meta update this step's forward used (``W <- W - lr * H(G_prev)``, so
+        the optimizer steps from the weights the gradient was taken at), and keep this step's
+        weight gradients (after LTS masking): the hypernetwork's input at the next step."""
+        sample = ctx.step % ctx.steps_per_epoch == ctx.steps_per_epoch - 1  # last batch
         for name in self.hyper_index:
-            g = self.layers[name].weight.grad
+            w = self.layers[name].weight
+            delta = self.pending.pop(name, None)
+            if delta is not None:
+                w.sub_(delta)
+                if sample:
+                    self.meta_norm[name] = delta.norm()
+                    self._before_step[name] = w.detach().clone()
+            g = w.grad
             if g is None:
                 continue
             prev = self.g_prev.get(name)
@@ -262,6 +289,10 @@ class GradQ(Method):
                 prev.copy_(g)
 
     def after_step(self, ctx: TrainContext) -> None:
+        with torch.no_grad():
+            for name, before in self._before_step.items():
+                self.step_norm[name] = (self.layers[name].weight - before).norm()
+        self._before_step = {}
         if self.hyper_opt is not None:
             self.hyper_opt.step()
             self.hyper_opt.zero_grad(set_to_none=True)
@@ -280,6 +311,10 @@ class GradQ(Method):
         if self.corr_ratio:
             ratios = [float(v) for v in self.corr_ratio.values()]
             out["hypernet.correction_ratio"] = sum(ratios) / len(ratios)
+        shares = [float(self.meta_norm[n] / self.step_norm[n].clamp_min(1e-30))
+                  for n in self.meta_norm if n in self.step_norm]
+        if shares:  # ||lr * H(G_prev)|| / ||optimizer step||, an epoch's last step, layer mean
+            out["hypernet.update_share"] = sum(shares) / len(shares)
         return out
 
     def layer_stats(self, ctx: TrainContext) -> dict[str, dict[str, float]]:
@@ -287,13 +322,14 @@ class GradQ(Method):
 
     def extra_backward_bops(self, ctx: TrainContext) -> float:
         """Hypernetwork cost per sample: per step, ``H`` runs on every element of its layer's
-        weight (``2h`` MACs forward, about twice that backward) in FP32; one step serves one
-        batch, so divide by the batch size."""
+        weight in FP32: ``2h`` MACs forward (``fc1``, ``fc2``) and ``3h`` backward (``fc2``'s
+        dX and dW, ``fc1``'s dW; its input is a detached gradient, so no ``fc1`` dX). One step
+        serves one batch, so divide by the batch size."""
         if not self.hyper_index:
             return 0.0
         h = self.config.hypernet.hidden
         elems = sum(self.layers[n].weight.numel() for n in self.hyper_index)
-        return elems * 6.0 * h * FP32_BITS * FP32_BITS / ctx.config.batch_size
+        return elems * 5.0 * h * FP32_BITS * FP32_BITS / ctx.config.batch_size
 
     # -- resume ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

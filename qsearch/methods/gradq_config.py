@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class HypernetConfig(MethodConfig):
-    """``methods.gradq.hypernet``: MetaGrad-style coordinate-wise MLP compensation."""
+    """``methods.gradq.hypernet``: MetaQuant-style meta network whose output is a committed
+    weight update (METHODS.md §4)."""
 
     hidden: int = Field(8, ge=1, le=256)
     lr: float = Field(1e-3, gt=0.0)
@@ -32,8 +33,8 @@ class GradQConfig(MethodConfig):
     @field_validator("bits", "first_last_bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in (4, 6, 8, 32):
-            raise ValueError("must be one of 4, 6, 8 or 32 (32 = full precision)")
+        if not (2 <= v <= 8 or v == FP32_BITS):
+            raise ValueError("must be 2..8 or 32 (32 = full precision)")
         return v
 
     def check(self, trial: TrialConfig) -> None:
