@@ -210,23 +210,34 @@ def test_resume_is_bit_identical(tiny_config, tmp_path, methods):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_digits_lts_eliminates_half_of_updates_at_same_accuracy(tiny_config, bits):
-    """Acceptance: W{bits}A{bits} (first/last 8-bit), linear growth, 4 epochs, 10% warm-up,
-    m=0.99: >= 50% of weight updates eliminated, accuracy within 1 point of plain LSQ."""
-    common = {"epochs": 4, "w_bits": bits, "a_bits": bits, "seed": 0}
+def test_digits_channel_lts_saves_a_quarter_of_executed_backward_at_the_same_accuracy(
+        tiny_config, bits):
+    """Acceptance (issue: honest costs): W{bits}A{bits}, 6 epochs after a 4-epoch warm start,
+    channel granularity, sine-growth threshold with 10% warm-up: >= 25% of the quantized
+    layers' backward FLOPs are really skipped (the trainer's meter), the counted figure agrees
+    (every frozen element sits in a frozen channel), the executed ``backward_flops`` objective
+    falls accordingly, and validation accuracy is within 1 point of the same run without LTS.
+
+    Seed 0, deterministic on CPU: it either passes or fails every time. Measured margins
+    (benchmarks/bench_lts_digits.py, 3 seeds): saving 0.28 (W4A4) / 0.35 (W2A2), accuracy
+    within 0.5 points. Mutations that fail it: freezing nothing (saving 0); element
+    granularity (executed ~0.1 while counted ~0.34). Digits is near saturation here, so
+    over-freezing is not caught by the accuracy check; the saving checks carry the power."""
+    common = {"epochs": 6, "w_bits": bits, "a_bits": bits, "seed": 0,
+              "warm_start": {"epochs": 4}}
     ref = train(tiny_config(**common)).metrics
-    lts_cfg = {"enabled": True, "mode": "linear-growth", "warmup_frac": 0.1, "momentum": 0.99}
+    lts_cfg = {"enabled": True, "granularity": "channel", "mode": "sine-growth",
+               "warmup_frac": 0.1}
     got = train(tiny_config(**common, methods={"lts": lts_cfg})).metrics
-    print(f"W{bits}A{bits}: acc {ref['accuracy']:.4f} -> {got['accuracy']:.4f}, "
-          f"updates eliminated {got['lts.updates_eliminated']:.3f}, "
-          f"bwd FLOPs saved {got['lts.bwd_flops_saved']:.3f}, "
-          f"backward_cost {ref['backward_cost']:.4f} -> {got['backward_cost']:.4f}")
-    assert got["lts.updates_eliminated"] >= 0.5
-    assert got["accuracy"] >= ref["accuracy"] - 0.01
-    # The cost model sees the time-averaged frozen fractions.
-    assert got["backward_cost"] < ref["backward_cost"]
-    assert got["bwd_flops_saved"] == pytest.approx(got["lts.bwd_flops_saved"])
-    assert 0.2 < got["lts.bwd_flops_saved"] < got["lts.updates_eliminated"]
+    print(f"W{bits}A{bits}: val acc {ref['val_accuracy']:.4f} -> {got['val_accuracy']:.4f}, "
+          f"executed {got['lts.flops_saved_executed']:.3f}, "
+          f"counted {got['lts.flops_saved_counted']:.3f}, "
+          f"backward_flops {ref['backward_flops']:.3f} -> {got['backward_flops']:.3f}")
+    assert got["lts.flops_saved_executed"] >= 0.25
+    assert got["lts.flops_saved_counted"] == pytest.approx(got["lts.flops_saved_executed"],
+                                                           abs=0.01)
+    assert got["backward_flops"] < ref["backward_flops"] - 0.2
+    assert got["val_accuracy"] >= ref["val_accuracy"] - 0.01
 
 
 # ----------------------------------------------------------------------------- config + CLI
