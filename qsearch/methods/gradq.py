@@ -171,7 +171,10 @@ class Hypernet(nn.Module):
         rms = g.pow(2).mean().sqrt().clamp_min(1e-30)
         x = torch.cat([(g / rms).reshape(-1, 1), g.new_zeros(1, 1)])
         m = self.fc2(torch.tanh(self.fc1(x)))
-        return ((m[:-1] - m[-1]) * rms).reshape(g.shape)
+        out = ((m[:-1] - m[-1]) * rms).reshape(g.shape)
+        # m(0) - m(0) is 0 only up to GEMM round-off (rows may take different kernel paths):
+        # a zero gradient gets exactly zero.
+        return out.masked_fill(g == 0, 0.0)
 
 
 class _MetaWeight:
