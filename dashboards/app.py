@@ -24,6 +24,19 @@ ASSETS = Path(__file__).parent / "assets"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+NOT_FOUND = ("Page not found", "There is no page at this address. Open the list of "
+             "studies and pick a study or a trial from there.")
+
+
+def _scrub(src: Source, text: str) -> str:
+    """An error message without the server's database URL or file path: a message page
+    is shown to whoever opens a wrong link, and says what is missing, not where it lives."""
+    for secret in {src.masked_url, src.url, src.ro_url}:
+        if secret:
+            text = text.replace(f" in {secret}", "").replace(secret, "the database")
+    return text
+
+
 def route(src: Source, pathname: str | None) -> Any:
     """The page for ``pathname`` (a message page for unknown paths, studies or trials)."""
     parts = [unquote(p) for p in (pathname or "/").strip("/").split("/") if p]
@@ -34,11 +47,12 @@ def route(src: Source, pathname: str | None) -> Any:
             return study.layout(src, parts[1])
         if parts[0] == "study" and len(parts) == 4 and parts[2] == "trial":
             if not parts[3].isdigit():
-                return c.message_page("Not found", f"{parts[3]!r} is not a trial number")
+                return c.message_page("Not found", "a trial is named by its number "
+                                                   "(/study/<name>/trial/<number>)")
             return trial.layout(src, parts[1], int(parts[3]))
     except QsearchError as e:
-        return c.message_page("Cannot show this page", str(e))
-    return c.message_page("Not found", f"no page at {pathname}")
+        return c.message_page("Cannot show this page", _scrub(src, str(e)))
+    return c.message_page(*NOT_FOUND)
 
 
 def create_app(storage: str | Source | None = None) -> Dash:
@@ -51,7 +65,9 @@ def create_app(storage: str | Source | None = None) -> Dash:
         dcc.Location(id="url", refresh="callback-nav"),
         html.Header([dcc.Link("qsearch", href="/", className="brand"),
                      html.Span("Pareto dashboards", className="brand-sub"),
-                     html.Span(f"read-only · {src.masked_url}", className="header-url mono")],
+                     # The database is named on the studies page, not on every page (a
+                     # wrong link's page must not show where the server keeps its data).
+                     html.Span("read-only", className="header-url")],
                     className="topbar"),
         html.Main(id="page", className="main"),
     ])

@@ -9,11 +9,15 @@ is shown by its bare name.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from dashboards import axes
+from dashboards.categories import ending
 from dashboards.readonly import Source
-from qsearch.config.objectives import resolve_name
+from qsearch.config.objectives import get_objective, resolve_name
+from qsearch.config.objectives import objectives as registered
 from qsearch.store import ObjectiveInfo, StudyRecord, objective_info, queries
 from qsearch.store.queries import LayerRow, SnapshotRow, TrialRow, value_of
 
@@ -78,6 +82,9 @@ class StudyView:
     front: list[dict[str, Any]]
     snapshots: list[dict[str, Any]]
     counts: dict[str, int] = field(default_factory=dict)
+    #: "stored": the front of the latest snapshot (the study's objectives); "recomputed":
+    #: the front of the stored values on other axes (a training-cost objective swapped).
+    front_source: str = "stored"
 
     @property
     def name(self) -> str:
@@ -96,8 +103,15 @@ class StudyView:
         return reported_names(self.trials, self.record.objectives)
 
     def complete(self) -> list[dict[str, Any]]:
+        """COMPLETE trials that count as results: feasible, not a reused duplicate."""
         return [t for t in self.trials if t["state"] == "COMPLETE"
+                and t.get("feasible") is not False and t.get("reused_from") is None
                 and all(value_of(t["values"], o.name) is not None for o in self.objectives)]
+
+    @property
+    def optimized(self) -> list[ObjectiveInfo]:
+        """The study's own objectives (the axes may have another training cost)."""
+        return infos(self.record)
 
 
 @dataclass
@@ -120,6 +134,36 @@ class TrialView:
         rest = [n for n in queries.order_names(self.trial.values) if not _among(n, names)]
         return [(o, self.trial.value(o.name)) for o in objs] + \
             [(objective_info(n), self.trial.values[n]) for n in rest]
+
+    @property
+    def last_epoch(self) -> int | None:
+        return max((int(e["epoch"]) for e in self.epochs), default=None)
+
+    def rung(self) -> list[tuple[ObjectiveInfo, float | None]]:
+        """The study's objectives at the last reported epoch: all a PRUNED or FAIL trial
+        has (it stores no final values)."""
+        last = next((e for e in self.epochs if int(e["epoch"]) == self.last_epoch), None)
+        vals = rung_values(last["metrics"]) if last else {}
+        return [(o, value_of(vals, o.name)) for o in infos(self.record)]
+
+    def ending(self) -> str:
+        """How the trial ended, in words (:func:`dashboards.categories.ending`)."""
+        t = self.trial
+        return ending({"state": t.state, "max_epochs": t.max_epochs,
+                       "last_epoch": self.last_epoch or t.epochs_completed,
+                       "reused_from": t.reused_from, "feasible": t.feasible})
+
+    def why_no_layers(self) -> str | None:
+        """Why a trial has no per-layer record (None when it has one or is running)."""
+        t = self.trial
+        if self.layers or t.state == "RUNNING":
+            return None
+        if t.reused_from is not None:
+            return f"no per-layer record: this trial reused trial #{t.reused_from}'s result"
+        if t.state in ("PRUNED", "FAIL"):
+            return (f"no per-layer record: {self.ending().split(' (')[0].lower()} "
+                    "(layers are recorded when a trial finishes)")
+        return "no per-layer record stored for this trial"
 
 
 def list_studies(src: Source) -> list[StudySummary]:
@@ -153,27 +197,86 @@ def optuna_only_studies(src: Source, known: set[str]) -> list[dict[str, Any]]:
             if s.study_name not in known]
 
 
-def study_view(src: Source, name: str) -> StudyView:
+def _metric_key(name: str) -> str:
+    try:
+        return get_objective(name).metric_key
+    except KeyError:
+        return name
+
+
+def rung_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """Registered objectives' values in an epoch report, by objective name (where a PRUNED
+    or FAIL trial stood at its last rung)."""
+    out = {}
+    for o in registered():
+        x = metrics.get(o.metric_key)
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
+            out[o.name] = float(x)
+    return out
+
+
+def spread_of(metrics: dict[str, Any], names: list[str]) -> dict[str, float]:
+    """Each objective's standard deviation over a repeated config's seeds (``<metric>.std``
+    in its final report, :func:`qsearch.search.trainable.repeat_summary`)."""
+    out = {}
+    for n in names:
+        x = metrics.get(f"{_metric_key(n)}.std")
+        if isinstance(x, (int, float)) and math.isfinite(x):
+            out[n] = float(x)
+    return out
+
+
+def _front(src: Source, rec: StudyRecord, axes_: list[str], stored: list[Any]
+           ) -> tuple[list[dict[str, Any]], str]:
+    """(front points, where they come from): the stored snapshot on the study's own
+    objectives, else the front of the stored values on ``axes_`` (the same candidates the
+    driver uses: COMPLETE, feasible, one trial per config), computed here and not stored."""
+    if axes_ == list(rec.objectives):
+        return ([{"trial_number": p.trial_number, "is_knee": p.is_knee,
+                  "values": dict(p.values)} for p in stored], "stored")
+    from qsearch.search.front import compute_front
+
+    dirs = [objective_info(o).direction or "minimize" for o in axes_]
+    rows = queries.complete_values(src.store, rec.id)
+    return compute_front(rows, axes_, dirs)["points"], "recomputed"
+
+
+def study_view(src: Source, name: str, cost: str | None = None) -> StudyView:
+    """Everything the study page shows. ``cost``: draw the front on this training-cost
+    objective instead of the study's (:data:`dashboards.axes.COSTS`), from stored values."""
     rec = queries.require_study(src.store, name)
     rows = queries.study_trials(src.store, rec.id)
     snap, front = queries.pareto_front(src.store, name)
     snapshots = queries.pareto_snapshots(src.store, name)
-    on_front = {p.trial_number: p.is_knee for p in front}
+    last = queries.last_epochs(src.store, rec.id)
+    axes_ = axes.with_cost(list(rec.objectives), cost)
+    points, source = _front(src, rec, axes_, front)
+    on_front = {int(p["trial_number"]): bool(p["is_knee"]) for p in points}
     counts = {st: 0 for st in queries.TRIAL_STATES}
+    names = queries.order_names({n for r in rows for n in r.values} | set(axes_))
     trials = []
     for r in rows:
+        ep = last.get(r.number)
+        metrics = ep.metrics if ep else {}
+        done = r.state == "COMPLETE"
         # The config decides whether a trial is a baseline; it is not sent to the browser.
         trials.append({"number": r.number, "state": r.state, "detail": r.detail,
                        "params": r.params or {}, "values": dict(r.values),
                        "epochs_completed": r.epochs_completed, "max_epochs": r.max_epochs,
                        "started_at": r.started_at, "finished_at": r.finished_at,
                        "baseline": baseline_label(r.config), "on_front": r.number in on_front,
-                       "is_knee": on_front.get(r.number, False)})
+                       "is_knee": on_front.get(r.number, False), "feasible": r.feasible,
+                       "reused_from": r.reused_from, "error": r.error,
+                       "last_epoch": ep.epoch if ep else None,
+                       "rung": {} if done else rung_values(metrics),
+                       "spread": spread_of(metrics, names) if done else {},
+                       "repeats": metrics.get("repeats") if done else None})
         counts[r.state] = counts.get(r.state, 0) + 1
-    return StudyView(record=rec, objectives=infos(rec), trials=trials, snapshot=snap,
-                     front=[{"trial_number": p.trial_number, "is_knee": p.is_knee,
-                             "values": dict(p.values)} for p in front],
-                     snapshots=[sn.to_dict() for sn in snapshots], counts=counts)
+    directions = dict(zip(rec.objectives, rec.directions))
+    return StudyView(record=rec, objectives=[objective_info(o, directions.get(o)) for o in axes_],
+                     trials=trials, snapshot=snap,
+        front=points, snapshots=[sn.to_dict() for sn in snapshots], counts=counts,
+        front_source=source)
 
 
 def trial_view(src: Source, name: str, number: int) -> TrialView:

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dashboards import data, figures
+from dashboards import axes, data, figures
+from dashboards.figures_params import parallel_coordinates
 from dashboards.readonly import Source, open_source
 from qsearch.errors import ConfigError
 
@@ -59,14 +60,32 @@ def _table(view: data.StudyView) -> str:
     return f"<table id=pareto-table>{head}{''.join(out)}</table>"
 
 
+def _cost_line(view: data.StudyView) -> str:
+    """Which training-cost axis the front uses, with unit and kind (and that the other two
+    are stored: ``qsearch pareto --objectives`` or the dashboard re-draw on them)."""
+    cost = axes.cost_of(o.name for o in view.objectives)
+    if cost is None:
+        return ("training-cost axis: none (the study optimized no training cost; every "
+                "trial still stores " + ", ".join(axes.COSTS) + ")")
+    info = next(o for o in view.objectives if o.name == cost)
+    others = [c for c in axes.COSTS if c != cost]
+    return (f"training-cost axis: {info.axis_title}; the front can be re-drawn on "
+            f"{' or '.join(others)} from stored values (qsearch pareto --objectives, or the "
+            "dashboard's training-cost axis)")
+
+
 def render_report(src: Source, study: str) -> str:
     """The report's HTML text."""
+    from dashboards.pages.study import insight_figures
+
     view = data.study_view(src, study)
+    sens, imp = insight_figures(src, view)
     figs = [("pareto-2d", figures.pareto_2d(view.trials, view.front, view.objectives)),
             ("pareto-3d", figures.pareto_3d(view.trials, view.front, view.objectives)),
-            ("hypervolume", figures.hypervolume_history(view.snapshots))]
-    figs.append(("parallel-coordinates", figures.parallel_coordinates(
-        view.trials, view.objectives[0], view.objectives)))
+            ("hypervolume", figures.hypervolume_history(view.snapshots)),
+            ("parallel-coordinates", parallel_coordinates(
+                view.trials, view.objectives[0], view.objectives)),
+            ("sensitivity", sens), ("importance", imp)]
     parts = []
     for i, (div_id, fig) in enumerate(figs):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=div_id,
@@ -85,6 +104,7 @@ def render_report(src: Source, study: str) -> str:
             f"<style>{_CSS}</style></head><body><header><h1>{title}</h1>"
             f"<p>objectives {html.escape(', '.join(f'{o.axis_title} {o.arrow}' for o in view.objectives))} · "
             f"{html.escape(src.masked_url)} · generated {when}</p></header><main>"
+            f"<p class=axes id=cost-axis>{html.escape(_cost_line(view))}</p>"
             f"<div class=stats>{stats}</div>{grid1}{rest}"
             f"<div class=card><h3>Pareto trials</h3>{_table(view)}</div></main></body></html>")
 

@@ -62,6 +62,8 @@ ATTR_RETRIES = "qsearch_retries"
 ATTR_REUSED_FROM = "qsearch_reused_from"
 ATTR_FEASIBLE = "qsearch_feasible"
 ATTR_CONFIG_KEY = "qsearch_config_key"
+#: A study attr: the per-layer sensitivity its seeds came from (dashboards show it).
+ATTR_SENSITIVITY = "qsearch_sensitivity"
 
 Scalar = float | int | str | bool | None
 

@@ -226,3 +226,140 @@ def ensure_tiny_study(base_dir: Path, timeout_s: float = 900) -> str:
                            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     done.write_text(proc.stdout)
     return url
+
+
+# --------------------------------------------------------------------------- feature study
+
+FEATURE_STUDY = "dash-features"
+FEATURE_OBJECTIVES = ["val_accuracy", "size_mb", "backward_flops"]
+# (w_bits, a_bits, LTS) of the trained COMPLETE trials 0..7. LTS makes the executed FLOPs
+# smaller but the measured CPU time larger, so the front differs per training-cost axis.
+_FEATURE_CONFIGS = [(2, 2, False), (2, 4, True), (3, 4, False), (4, 4, True), (4, 8, False),
+                    (8, 8, True), (3, 2, True), (8, 4, False)]
+FEATURE_KINDS = {"complete": list(range(8)), "infeasible": 8, "reused": (9, 1), "pruned": 10,
+                 "failed": 11, "failed_early": 12, "repeats": 3, "max_epochs": 3}
+
+
+def _feature_values(w: int, a: int, lts: bool) -> dict[str, float]:
+    return {"val_accuracy": 0.80 + 0.02 * w + 0.01 * a - 0.02 * lts,
+            "test_accuracy": 0.79 + 0.02 * w + 0.01 * a - 0.02 * lts,
+            "size_mb": 0.005 * w + 0.001,
+            "backward_flops": 1.0 - 0.35 * lts - 0.01 * a,
+            "backward_time": 0.002 * (1 + 0.1 * a) * (1.2 if lts else 1.0),
+            "backward_bops": (w + a) / 64 * (0.6 if lts else 1.0)}
+
+
+def _feature_config(w: int, a: int, lts: bool) -> dict[str, Any]:
+    return {"model": "tiny-cnn", "dataset": "digits", "epochs": 3, "w_bits": w, "a_bits": a,
+            "layers": {}, "methods": {"lts": {"enabled": lts}}}
+
+
+def _epoch(e: int, vals: dict[str, float], final: dict[str, float] | None = None
+           ) -> dict[str, Any]:
+    f = e / 3
+    m = {"epoch": e, "train_loss": 0.5 - 0.1 * e, "val_loss": 0.5 - 0.1 * e,
+         "val_accuracy": vals["val_accuracy"] - 0.05 * (1 - f), "size_mb": vals["size_mb"],
+         "backward_flops": vals["backward_flops"], "backward_time": vals["backward_time"],
+         "backward_bops": vals["backward_bops"]}
+    return {**m, **(final or {})}
+
+
+def write_feature_study(url: str, name: str = FEATURE_STUDY,
+                        sensitivity_cache: Path | None = None) -> dict[str, Any]:
+    """A small finished study with every kind of trial the dashboards tell apart, written
+    through the driver's own write path (``trial_started`` / ``record_epoch`` /
+    ``trial_finished`` / ``update_snapshot``) and Optuna's API, without training:
+
+    * 8 COMPLETE trials of a ``repeats: 3`` study: the final report carries each objective's
+      spread over the seeds (``<metric>.std``, as :func:`repeat_summary` writes it);
+    * trial 8 COMPLETE but infeasible (the best accuracy: it would be on the front);
+    * trial 9 a reused result of trial 1 (same config, not trained);
+    * trial 10 PRUNED after epoch 1 of 3, trial 11 FAIL after epoch 2, trial 12 FAIL before
+      its first epoch.
+
+    All three training costs are stored for every COMPLETE trial. With
+    ``sensitivity_cache`` the driver's :func:`enqueue_sensitivity_seeds` runs for real on
+    tiny-cnn/digits (1-epoch warm start cached there) and keeps its profile on the study."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from qsearch.search.front import update_snapshot
+    from qsearch.store import Store
+
+    directions = ["maximize", "minimize", "minimize"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=url, directions=directions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.set_metric_names(FEATURE_OBJECTIVES)
+    store = Store(url)
+    spec_yaml = (f"name: {name}\nrepeats: 3\nconstraints: {{size_mb: {{max: 0.05}}}}\n"
+                 "# written by tests/_dash_data.py:write_feature_study\n")
+    rec, _ = store.create_or_get_study(
+        name, spec_yaml=spec_yaml, spec_hash="f" * 64, search_hash="f" * 64,
+        objectives=FEATURE_OBJECTIVES, directions=directions, artifacts_dir="/nonexistent")
+    dists = {"w_bits": CategoricalDistribution([2, 3, 4, 8]),
+             "a_bits": CategoricalDistribution([2, 4, 8]),
+             "methods.lts.enabled": CategoricalDistribution([True, False])}
+    rows: list[tuple[int, str, tuple[int, int, bool], dict[str, float]]] = []
+    for n, cfg in enumerate(_FEATURE_CONFIGS):
+        rows.append((n, "COMPLETE", cfg, _feature_values(*cfg)))
+    rows.append((8, "INFEASIBLE", (8, 8, False), {**_feature_values(8, 8, False),
+                                                 "val_accuracy": 0.999, "size_mb": 0.06,
+                                                 "backward_flops": 0.3, "backward_time": 0.001,
+                                                 "backward_bops": 0.1}))
+    rows.append((9, "REUSED", _FEATURE_CONFIGS[1], _feature_values(*_FEATURE_CONFIGS[1])))
+    rows.append((10, "PRUNED", (2, 8, False), _feature_values(2, 8, False)))
+    rows.append((11, "FAIL", (3, 8, True), _feature_values(3, 8, True)))
+    rows.append((12, "FAIL_EARLY", (4, 2, False), _feature_values(4, 2, False)))
+    frozen = []
+    for n, kind, (w, a, lts), vals in rows:
+        params = {"w_bits": w, "a_bits": a, "methods.lts.enabled": lts}
+        state = {"INFEASIBLE": "COMPLETE", "REUSED": "COMPLETE", "FAIL_EARLY": "FAIL"}.get(kind, kind)
+        done = state == "COMPLETE"
+        frozen.append(create_trial(
+            state=getattr(TrialState, state), params=params, distributions=dists,
+            values=[vals[o] for o in FEATURE_OBJECTIVES] if done else None))
+        store.trial_started(rec.id, n, optuna_trial_id=None, params=params,
+                            config=_feature_config(w, a, lts), max_epochs=3)
+        epochs = {"COMPLETE": 3, "INFEASIBLE": 3, "PRUNED": 1, "FAIL": 2}.get(kind, 0)
+        spread = {"val_accuracy.std": 0.004 + 0.001 * n, "backward_time.std": 0.0002,
+                  "size_mb.std": 0.0, "backward_flops.std": 0.0, "repeats": 3}
+        for e in range(1, epochs + 1):
+            store.record_epoch(rec.id, n, _epoch(e, vals, spread if done and e == 3 else None))
+        store.trial_finished(
+            rec.id, n, state=state, counted=kind != "REUSED",
+            detail={"PRUNED": "pruned by pareto at epoch 1", "FAIL": "trial error",
+                    "FAIL_EARLY": "trial error", "REUSED": "reused trial 1",
+                    "INFEASIBLE": "finished; infeasible"}.get(kind, "finished"),
+            values=vals if done else None, epochs_completed=epochs,
+            error={"FAIL": "RuntimeError: loss became NaN at epoch 2",
+                   "FAIL_EARLY": "ValueError: synthetic failure before the first epoch"}.get(kind),
+            layers=[{"name": ln, "kind": k, "params": p, "macs": m, "w_bits": w, "a_bits": a}
+                    for ln, k, p, m in _LAYERS] if done and kind != "REUSED" else None,
+            feasible=False if kind == "INFEASIBLE" else None,
+            reused_from=1 if kind == "REUSED" else None)
+        if done:
+            update_snapshot(store, rec.id, FEATURE_OBJECTIVES, directions, trigger_trial=n)
+    study.add_trials(frozen)
+    if sensitivity_cache is not None:
+        _record_sensitivity(study, name, sensitivity_cache)
+    store.set_status(rec.id, "finished", finished=True)
+    store.dispose()
+    return FEATURE_KINDS
+
+
+def _record_sensitivity(study: Any, name: str, cache: Path) -> None:
+    """The driver's sensitivity step, for real (tiny-cnn on digits, CPU)."""
+    from qsearch.config import parse_study_spec
+    from qsearch.search.driver import enqueue_sensitivity_seeds
+    from qsearch.search.expand import expand_search_space
+
+    spec = expand_search_space(parse_study_spec({
+        "name": name, "model": "tiny-cnn", "dataset": "digits",
+        "base": {"epochs": 1, "device": "cpu", "num_threads": 1,
+                 "warm_start": {"epochs": 1, "cache_dir": str(cache)}},
+        "objectives": FEATURE_OBJECTIVES, "sampler": {"sensitivity": True},
+        "search_space": {"layers.*.w_bits": {"type": "int", "low": 2, "high": 8}}}))
+    enqueue_sensitivity_seeds(spec, study)

@@ -8,8 +8,10 @@ from typing import Any
 
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
+from dashboards import axes, categories, data, figures, insight
 from dashboards import components as c
-from dashboards import data, figures
+from dashboards.figures_layers import sensitivity_bars
+from dashboards.figures_params import importance_bars, parallel_coordinates
 from dashboards.readonly import Source
 from qsearch.store import objective_info
 from qsearch.store.queries import value_of
@@ -32,10 +34,14 @@ def header(view: data.StudyView) -> list[Any]:
                     v > best[o.name] if o.direction == "maximize" else v < best[o.name])):
                 best[o.name] = v
     hv = view.snapshot.hypervolume if view.snapshot else None
+    apart = sum(1 for t in view.trials if t["state"] == "COMPLETE" and (
+        t.get("feasible") is False or t.get("reused_from") is not None))
     stats = [c.stat("finished", n.get("COMPLETE", 0)), c.stat("running", n.get("RUNNING", 0)),
              c.stat("pruned", n.get("PRUNED", 0)), c.stat("failed", n.get("FAIL", 0)),
-             c.stat("Pareto trials", len(view.front)), c.stat("hypervolume", hv)]
-    stats += [c.stat(f"best {o.short}", best.get(o.name)) for o in view.objectives]
+             c.stat("infeasible or reused", apart),
+             c.stat("Pareto trials", len(view.front)),
+             c.stat("hypervolume (stored, computed)", hv)]
+    stats += [c.stat(f"best {o.axis_title}", best.get(o.name)) for o in view.objectives]
     return [html.Div([html.H2(view.name), c.badge(rec.status),
                       c.live_note(view.running, REFRESH_MS)], className="page-title"),
             html.Div(stats, className="stats")]
@@ -79,7 +85,7 @@ def pareto_table(view: data.StudyView) -> Any:
              r["note"]] for r in front]
     if not rows:
         return html.P("No completed trial yet.", className="muted")
-    titles = column_titles(names, view.record.objectives)
+    titles = column_titles(names, [o.name for o in view.objectives])
     return c.table(["trial", *titles, "params", "note"], rows, table_id="pareto-table-rows",
                    numeric=range(1, len(names) + 1))
 
@@ -88,32 +94,98 @@ def _figures(view: data.StudyView) -> tuple[Any, Any, Any]:
     f2 = figures.pareto_2d(view.trials, view.front, view.objectives)
     f3 = figures.pareto_3d(view.trials, view.front, view.objectives)
     hv = figures.hypervolume_history(view.snapshots)
+    axes_key = "/".join(o.name for o in view.objectives)
     for f in (f2, f3, hv):
-        f.update_layout(uirevision=view.name)  # keep zoom/camera across live refreshes
+        # keep zoom/camera across live refreshes, not across a change of axes
+        f.update_layout(uirevision=f"{view.name}/{axes_key}")
     return f2, f3, hv
+
+
+def caption(view: data.StudyView) -> list[Any]:
+    """What the front plots show: each axis with unit and kind, where the front comes from,
+    and the markers."""
+    objs = view.objectives
+    where = (f"the stored Pareto front (snapshot {view.snapshot.snapshot})"
+             if view.front_source == "stored" and view.snapshot else
+             "the front of the stored values on these axes, recomputed here (the study "
+             "optimized " + ", ".join(o.axis_title for o in view.optimized) + ")")
+    roles = ("vertical", "horizontal", "colour")
+    parts = [html.Span(["Axes: ", "; ".join(f"{r} {o.axis_title} {o.arrow}".strip()
+                                            for r, o in zip(roles, objs)), ". "],
+                       id="front-axes"),
+             html.Span(f"Front: {where}. "),
+             "Click a point to open its trial. Faded: dominated trials; outlined: the front; "
+             "◇: uniform-precision baselines; ☆: knee; red ×: infeasible; □: reused results "
+             "of a duplicate config; grey ○ / ×: pruned / failed trials at their last "
+             "reported epoch (values of that epoch, not final). None of those is ever on "
+             "the front."]
+    groups = categories.classify(view.trials, view.front, objs)
+    if figures.has_spread(groups, objs):
+        parts.append(" " + figures.SPREAD_NOTE + ".")
+    return parts
+
+
+def cost_options(view: data.StudyView) -> list[dict[str, str]]:
+    return [{"label": objective_info(n).axis_title, "value": n} for n in axes.COSTS]
+
+
+def others_table(view: data.StudyView) -> Any:
+    """The trials that are not candidates (pruned, failed, infeasible, reused, running),
+    each with how it ended and where it stood."""
+    rows = []
+    for t in view.trials:
+        if t["state"] == "COMPLETE" and t.get("feasible") is not False \
+                and t.get("reused_from") is None:
+            continue
+        vals = t["values"] if t["state"] == "COMPLETE" else t.get("rung") or {}
+        rows.append([dcc.Link(f"#{t['number']}", href=c.trial_href(view.name, t["number"])),
+                     categories.ending(t), *(value_of(vals, o.name) for o in view.objectives),
+                     html.Span((t.get("error") or t.get("detail") or "")[:160],
+                               className="small")])
+    if not rows:
+        return html.P("None: every trial finished, feasible, with its own config.",
+                      className="muted")
+    return c.table(["trial", "ended", *(o.short for o in view.objectives), "detail"], rows,
+                   table_id="other-trials-rows", numeric=range(2, 2 + len(view.objectives)))
 
 
 def parcoords_figure(src: Source, name: str, objective: str | None) -> Any:
     view = data.study_view(src, name)
     by_name = {o.name: o for o in view.objectives}
     color = by_name.get(objective or "", view.objectives[0])
-    fig = figures.parallel_coordinates(view.trials, color, view.objectives)
+    fig = parallel_coordinates(view.trials, color, view.objectives)
     fig.update_layout(uirevision=f"{name}/{objective}")
     return fig
+
+
+def insight_figures(src: Source, view: data.StudyView) -> tuple[Any, Any]:
+    """(per-layer sensitivity, parameter importance per objective) figures."""
+    sens = sensitivity_bars(insight.sensitivity(src, view.name))
+    imp = insight.importances(src, view.name, len(view.trials))
+    if isinstance(imp, str):
+        return sens, figures.empty(imp)
+    return sens, importance_bars(imp, view.optimized,
+                                 title="Parameter importance per objective")
 
 
 def layout(src: Source, name: str) -> html.Div:
     view = data.study_view(src, name)
     f2, f3, hv = _figures(view)
     objectives = [{"label": o.short, "value": o.name} for o in view.objectives]
+    cost = axes.cost_of(view.record.objectives)
     return html.Div([
         c.breadcrumbs(("Studies", "/"), (view.name, None)),
         dcc.Store(id="study-name", data=view.name),
         html.Div(header(view), id="study-header"),
-        html.Div([c.card(None, c.graph("pareto-2d", f2),
-                         html.P("Click a point to open its trial. Faded: dominated trials; "
-                                "outlined: the stored Pareto front; ◇: uniform-precision "
-                                "baselines; ☆: knee.", className="muted small")),
+        c.card(None, html.Div([
+            html.Span("training-cost axis ", className="muted small"),
+            dcc.Dropdown(id="front-cost", options=cost_options(view), value=cost,
+                         clearable=cost is None, placeholder="add a training-cost axis",
+                         className="wide-dropdown"),
+            html.Span("(re-draws the front from stored values; nothing is re-run)",
+                      className="muted small")], className="card-tools"),
+            html.P(caption(view), id="front-caption", className="muted small")),
+        html.Div([c.card(None, c.graph("pareto-2d", f2)),
                   c.card(None, c.graph("pareto-3d", f3))], className="grid-2"),
         html.Div([c.card(None, c.graph("hv-history", hv)),
                   c.card(None, html.Div([
@@ -124,6 +196,12 @@ def layout(src: Source, name: str) -> html.Div:
                       dcc.Loading(c.graph("parcoords", figures.empty("loading…")),
                                   type="dot"))], className="grid-2"),
         c.card("Pareto trials", html.Div(pareto_table(view), id="pareto-table")),
+        html.Div([c.card(None, dcc.Loading(c.graph("sensitivity", figures.empty("loading…")),
+                                           type="dot")),
+                  c.card(None, dcc.Loading(c.graph("importance", figures.empty("loading…")),
+                                           type="dot"))], className="grid-2"),
+        c.card("Pruned, failed, infeasible and reused trials",
+               html.Div(others_table(view), id="other-trials")),
         dcc.Interval(id="study-refresh", interval=REFRESH_MS, disabled=not view.running),
     ], className="page")
 
@@ -132,12 +210,20 @@ def register(app: Dash, source: Callable[[], Source]) -> None:
     @app.callback(Output("study-header", "children"), Output("pareto-2d", "figure"),
                   Output("pareto-3d", "figure"), Output("hv-history", "figure"),
                   Output("pareto-table", "children"), Output("study-refresh", "disabled"),
-                  Input("study-refresh", "n_intervals"), State("study-name", "data"),
-                  prevent_initial_call=True)
-    def refresh(_n: int | None, name: str) -> tuple[Any, ...]:
-        view = data.study_view(source(), name)
+                  Output("front-caption", "children"), Output("other-trials", "children"),
+                  Input("study-refresh", "n_intervals"), Input("front-cost", "value"),
+                  State("study-name", "data"), prevent_initial_call=True)
+    def refresh(_n: int | None, cost: str | None, name: str) -> tuple[Any, ...]:
+        view = data.study_view(source(), name, cost if cost in axes.COSTS else None)
         f2, f3, hv = _figures(view)
-        return header(view), f2, f3, hv, pareto_table(view), not view.running
+        return (header(view), f2, f3, hv, pareto_table(view), not view.running,
+                caption(view), others_table(view))
+
+    @app.callback(Output("sensitivity", "figure"), Output("importance", "figure"),
+                  Input("study-name", "data"), Input("study-refresh", "n_intervals"))
+    def insights(name: str, _n: int | None) -> tuple[Any, Any]:
+        src = source()
+        return insight_figures(src, data.study_view(src, name))
 
     @app.callback(Output("parcoords", "figure"), Input("study-name", "data"),
                   Input("parcoords-objective", "value"), Input("study-refresh", "n_intervals"))

@@ -11,7 +11,8 @@ from typing import Any
 from dash import Dash, Input, Output, State, dcc, html
 
 from dashboards import components as c
-from dashboards import data, figures
+from dashboards import data
+from dashboards.figures_layers import epoch_curves, frozen_fractions, layer_bits
 from dashboards.readonly import Source
 from qsearch.errors import QsearchError
 
@@ -28,10 +29,19 @@ def header(view: data.TrialView) -> list[Any]:
     label = data.baseline_label(t.config)
     if label:
         tags.append(html.Span(f"baseline {label}", className="tag"))
+    if t.feasible is False:
+        tags.append(html.Span("infeasible", className="tag tag-infeasible"))
     running = view.running or view.record.status == "running"
-    stats = [c.stat(f"{o.short} {o.arrow}".strip(), v) for o, v in view.values()]
+    if t.state in ("PRUNED", "FAIL", "RUNNING"):
+        # No final values: what it measured at its last reported epoch, labelled so.
+        at = view.last_epoch
+        stats = [c.stat(f"{o.axis_title} {o.arrow} at epoch {at}".strip(), v)
+                 for o, v in view.rung()] if at else []
+    else:
+        stats = [c.stat(f"{o.axis_title} {o.arrow}".strip(), v) for o, v in view.values()]
+    stats = [c.stat("state", view.ending(), "stat-wide"), *stats]
     stats += [c.stat("epochs", f"{t.epochs_completed or 0} / {t.max_epochs or '?'}"),
-              c.stat("ended", t.detail or "–"), c.stat("started", c.fmt(t.started_at)),
+              c.stat("detail", t.detail or "–"), c.stat("started", c.fmt(t.started_at)),
               c.stat("finished", c.fmt(t.finished_at)), c.stat("retries", t.retries or 0),
               c.stat("ran on", _where(t.placement))]
     out: list[Any] = [
@@ -40,6 +50,11 @@ def header(view: data.TrialView) -> list[Any]:
         html.Div(stats, className="stats")]
     if t.error:
         out.append(html.Pre(t.error, className="error-box"))
+    if t.reused_from is not None:
+        out.append(html.P(["Reused result: same config as ",
+                           dcc.Link(f"trial #{t.reused_from}",
+                                    href=c.trial_href(view.record.name, t.reused_from)),
+                           ", which was trained; this trial was not."], className="muted"))
     return out
 
 
@@ -58,8 +73,10 @@ def _config_text(view: data.TrialView) -> str:
 
 
 def _parts(view: data.TrialView) -> tuple[Any, ...]:
-    return (header(view), figures.layer_bits(view.layers), figures.frozen_fractions(view.layers),
-            figures.epoch_curves(view.epochs), _config_text(view))
+    why = view.why_no_layers()
+    return (header(view), layer_bits(view.layers, why=why),
+            frozen_fractions(view.layers, why=why), epoch_curves(view.epochs),
+            _config_text(view))
 
 
 def layout(src: Source, name: str, number: int) -> html.Div:

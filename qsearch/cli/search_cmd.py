@@ -180,23 +180,35 @@ def pareto(
     storage: StorageOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json | csv")] = "table",
     snapshot: Annotated[Optional[int], typer.Option(help="snapshot number (default: latest)")] = None,
+    objectives: Annotated[Optional[str], typer.Option("--objectives", help=(
+        "re-draw the front on these objectives from the stored values, comma-separated "
+        "(e.g. val_accuracy,size_mb,backward_time); nothing is re-run or written"))] = None,
 ) -> None:
     """The study's stored Pareto front: objective values (names, labels, units and
     directions from the objective registry), the values the trials report without
-    optimizing, and each trial's searched params."""
+    optimizing, and each trial's searched params. With --objectives, the front of the
+    stored values on other objectives (e.g. another of the three training costs)."""
     from qsearch.store import objective_info, queries
 
     if fmt not in ("table", "json", "csv"):
         raise ConfigError("--format", f"unknown format {fmt!r}; choose table, json or csv")
     db = _reader(storage)
     rec = queries.require_study(db, study)
-    snap, points = queries.pareto_front(db, study, snapshot)
-    objs = list(rec.objectives)
-    infos = rec.objective_infos()
+    if objectives is not None:
+        if snapshot is not None:
+            raise ConfigError("--objectives", "re-draws the current front; drop --snapshot")
+        snap, points = None, _redrawn_front(db, rec, objectives)
+        objs = [n.strip() for n in objectives.split(",")]
+    else:
+        snap, points = queries.pareto_front(db, study, snapshot)
+        objs = list(rec.objectives)
+    infos = [objective_info(o, d) for o, d in zip(objs, rec.directions)] \
+        if objectives is None else [objective_info(o) for o in objs]
     reported = queries.order_names(k for p in points for k in p.reported)
     if fmt == "json":
         print(json.dumps({
             "study": study, "snapshot": snap and snap.snapshot,
+            "front": "stored" if objectives is None else "recomputed",
             "hypervolume": snap and snap.hypervolume,
             "reference_point": snap and snap.reference_point,
             "objectives": [i.to_dict() for i in infos],
@@ -219,7 +231,8 @@ def pareto(
         more = [objective_info(k) for k in reported]
         t = Table(title=f"Pareto front of {study}" + (
             f" (snapshot {snap.snapshot}, hypervolume {format_value(snap.hypervolume)})"
-            if snap else ""))
+            if snap else f" re-drawn on {', '.join(objs)} from stored values (not stored)"
+            if objectives is not None else ""))
         t.add_column("trial", justify="right")
         for i in infos + more:  # names as headers; the legend below gives labels and units
             t.add_column(f"{i.name}{i.arrow}", justify="right", no_wrap=True)
@@ -230,6 +243,35 @@ def pareto(
                       "knee" if p.is_knee else "")
         console.print(t)
         console.print(_legend(infos + more), highlight=False, soft_wrap=True)
+
+
+def _redrawn_front(db: Any, rec: Any, names_csv: str) -> list[Any]:
+    """The front of the study's stored values on ``names_csv`` (the driver's candidates:
+    COMPLETE, feasible, one trial per config), as front points; computed, not stored."""
+    from qsearch.config.objectives import objective_names
+    from qsearch.search.front import compute_front
+    from qsearch.store import objective_info, queries
+
+    names = [n.strip() for n in names_csv.split(",")]
+    infos = [objective_info(n) for n in names]
+    bad = [i.name for i in infos if not i.registered or not i.optimizable]
+    if bad or len(names) < 2 or len(set(names)) < len(names):
+        raise ConfigError("--objectives", (
+            f"unknown or not selectable objective {', '.join(repr(b) for b in bad)}"
+            if bad else "give two or more different objectives")
+            + "; choose from " + ", ".join(
+                n for n in objective_names() if objective_info(n).optimizable))
+    rows = queries.complete_values(db, rec.id)
+    front = compute_front(rows, names, [i.direction for i in infos])["points"]
+    stored = {r.number: r for r in queries.trials(db, rec.name, ["COMPLETE"])}
+    out = []
+    for p in front:
+        t = stored[p["trial_number"]]
+        reported = {k: x for k, x in t.values.items() if k not in p["values"]
+                    and queries.value_of(p["values"], k) is None}
+        out.append(queries.FrontPoint(p["trial_number"], p["is_knee"], dict(p["values"]),
+                                      dict(t.params or {}), reported))
+    return out
 
 
 @app.command()

@@ -401,11 +401,17 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
 def enqueue_sensitivity_seeds(spec: StudySpec, study: optuna.Study) -> list[dict[str, Any]]:
     """First trials of a new study that spend bits where the warm-started model is most
     sensitive (Hutchinson per-layer Hessian traces, cached beside the warm start); the
-    sampler takes over after them."""
-    from qsearch.search.sensitivity import layer_sensitivity, seed_configs
+    sampler takes over after them. The profile is kept as a study attr, so the dashboards
+    can show it from the database (the cache file may live on another machine)."""
+    from dataclasses import asdict
 
-    seeds = seed_configs(spec, layer_sensitivity(spec.base_config()),
-                         spec.sampler.sensitivity_seeds)
+    from qsearch.search.sensitivity import seed_configs, sensitivity_profile
+
+    prof = sensitivity_profile(spec.base_config())
+    study.set_user_attr(P.ATTR_SENSITIVITY, {
+        "estimator": "hutchinson", "probes": prof.probes, "batches": prof.batches,
+        "warm_start": prof.warm_start, "layers": [asdict(v) for v in prof.layers.values()]})
+    seeds = seed_configs(spec, prof.as_dict(), spec.sampler.sensitivity_seeds)
     for params in seeds:
         study.enqueue_trial(params, skip_if_exists=True)
     log.info("study %s: %d sensitivity-guided first trials enqueued", spec.name, len(seeds))

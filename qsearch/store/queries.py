@@ -561,3 +561,38 @@ def pareto_front(db: Database, study: str, snapshot: int | None = None
         out.append(FrontPoint(int(p.trial_number), bool(p.is_knee), vals,
                               dict(params.get(p.trial_number) or {}), reported))
     return _snapshot(snap._mapping), out
+
+
+# ----------------------------------------------------------------------------- last epochs
+
+
+@dataclass(frozen=True)
+class LastEpoch(_Row):
+    """A trial's last stored epoch report. For a PRUNED or FAIL trial it is the last rung it
+    reached (the only values it has: such trials store no final values); for a COMPLETE one
+    it is the final report, which for a study with ``repeats: N`` carries each objective's
+    spread over the seeds (``<metric>.std``) and ``repeats``."""
+
+    trial_number: int
+    epoch: int
+    metrics: dict[str, Any]
+
+    def _missing(self, key: str) -> Any:
+        return self.metrics.get(key)
+
+
+@retried
+def last_epochs(db: Database, study_id: int) -> dict[int, LastEpoch]:
+    """Trial number -> its last stored epoch report, for every trial of the study that
+    reported one (one grouped query: the dashboards place pruned and failed trials at their
+    last rung and draw the repeats' error bars from it)."""
+    e = s.epoch_metrics
+    last = select(e.c.trial_number, func.max(e.c.epoch).label("epoch")).where(
+        e.c.study_id == study_id).group_by(e.c.trial_number).subquery()
+    q = select(e.c.trial_number, e.c.epoch, e.c.metrics).join(
+        last, (e.c.trial_number == last.c.trial_number) & (e.c.epoch == last.c.epoch)).where(
+        e.c.study_id == study_id)
+    with db.tx("read last epochs") as conn:
+        rows = conn.execute(q).all()
+    return {int(r.trial_number): LastEpoch(int(r.trial_number), int(r.epoch),
+                                           dict(r.metrics or {})) for r in rows}
