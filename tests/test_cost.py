@@ -76,10 +76,17 @@ def test_tiny_cnn_cost_by_hand():
         (64 * 10, 64 * 10, 8, 8),
     ]
     assert [(r.macs, r.params, r.w_bits, r.a_bits) for r in rows] == layers
-    extra = 4 * (32 + 64 + 64) + 10 + 2 * 4
-    assert cost.size_mb == pytest.approx(
-        (sum(n * w for _, n, w, _ in layers) + 32 * extra) / 8 / 1e6, rel=1e-12)
-    assert cost.bops == sum(m * w * a for m, _, w, a in layers)
+    # FP32 extras counted from the state dict itself: every floating-point tensor except the
+    # quantized weights (BN affine + running stats, fc bias, the 2 LSQ steps of each layer).
+    quantized = {f"{n}.weight" for n in qlayers}
+    fp32 = sum(t.numel() for k, t in model.state_dict().items()
+               if t.is_floating_point() and k not in quantized)
+    assert fp32 == 4 * (32 + 64 + 64) + 10 + 2 * 4 == extra_param_count(model, qlayers)
+    # Worked out by hand: weights 288*8 + 18,432*4 + 36,864*4 + 640*8 = 228,608 bits, plus
+    # 658 FP32 extras = 21,056 bits: 249,664 bits = 31,208 bytes.
+    assert cost.size_mb == pytest.approx(0.031208, rel=1e-12)
+    # 18,432*8*8 + 1,179,648*4*4 + 589,824*4*4 + 640*8*8
+    assert cost.bops == 1_179_648 + 18_874_368 + 9_437_184 + 40_960 == 29_532_160
     # Backward bit-ops at FP32 gradients, worked out by hand (dX skipped for the first layer):
     #   stem dW 18432*32*8 = 4,718,592; conv2 dX+dW 2*1,179,648*32*4 = 301,989,888;
     #   conv3 dX+dW 2*589,824*32*4 = 150,994,944; fc dX+dW 2*640*32*8 = 327,680.
@@ -90,7 +97,52 @@ def test_tiny_cnn_cost_by_hand():
     assert cost.bwd_flops_saved == 0.0
 
 
-def test_compute_cost_gradient_bits_and_freezing_formula():
+class _TwoLayer(torch.nn.Module):
+    """conv 2->3 (3x3, no padding) on 2x5x5, flatten, linear 27->4: small enough to count."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.lin = torch.nn.Linear(27, 4)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).flatten(1))
+
+
+def test_two_layer_net_by_hand_and_by_flop_counter():
+    """Every §7 quantity of a two-layer net counted by hand, W4 A2, no first/last override.
+    conv: 3x3x3 outputs x (2*3*3) = 486 MACs, 54 weights; linear: 4 x 27 = 108 MACs, 108
+    weights. The MACs are cross-checked with FlopCounterMode on a real forward and backward."""
+    model = _TwoLayer()
+    shape = (2, 5, 5)
+    with FlopCounterMode(display=False) as fwd:
+        model(torch.randn(1, *shape))
+    assert fwd.get_total_flops() == 2 * (486 + 108)
+    with FlopCounterMode(display=False) as bwd:  # FP32 step: no dX for the data's layer
+        model(torch.randn(1, *shape)).sum().backward()
+    assert bwd.get_total_flops() - fwd.get_total_flops() == 2 * (486 + 2 * 108)
+
+    qlayers = convert(model, Precision(w_bits=4, a_bits=2, first_bits=None, last_bits=None))
+    rows = layer_costs(model, shape)
+    assert [(r.name, r.macs, r.params, r.w_bits, r.a_bits, r.first) for r in rows] == [
+        ("conv", 486, 54, 4, 2, True), ("lin", 108, 108, 4, 2, False)]
+    cost = compute_cost(rows, extra_param_count(model, qlayers))
+    # (54 + 108) * 4 bits + FP32 extras (3 + 4 biases, 2 steps per layer) 11 * 32 = 1000 bits
+    assert cost.size_mb == pytest.approx(125e-6, rel=1e-12)
+    assert cost.bops == 486 * 8 + 108 * 8 == 4752
+    # conv dW 486*32*2 (no dX: first layer); lin dX 108*32*4 + dW 108*32*2
+    assert cost.backward_bops == 31_104 + 13_824 + 6_912
+    # FP32: conv 486 * 1024 (dW only), lin 108 * 2048 (dX + dW): the counter's backward in MACs
+    assert cost.fp32_backward_bops == 497_664 + 221_184 == 1024 * (486 + 2 * 108)
+    assert cost.backward_cost == pytest.approx(51_840 / 718_848)
+    # 8-bit gradients and half the weights frozen in lin: freezing removes only its dW.
+    rows = layer_costs(model, shape, {"lin": {"g_bits": 8, "frozen_fraction": 0.5}})
+    cost = compute_cost(rows, 0, extra_backward_bops=5.0)
+    assert cost.backward_bops == 5 + 31_104 + 108 * 8 * 4 + 108 * 8 * 2 // 2 == 35_429
+    assert cost.bwd_flops_saved == pytest.approx(54 / (2 * 594))
+
+
+def test_compute_cost_gradient_bits_and_freezing_by_hand():
     rows = [
         LayerCost("a", "conv", params=100, macs=1000, w_bits=8, a_bits=8, g_bits=8, first=True,
                   frozen_fraction=0.5),
@@ -127,9 +179,12 @@ def test_modelled_fp32_denominator_is_the_executed_fp32_backward():
     totals = FlopTotals()
     model.train()
     with FlopMeter(totals, model):
-        torch.nn.functional.cross_entropy(model(torch.randn(3, 3, 32, 32)),
-                                          torch.tensor([1, 2, 3])).backward()
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(3, 3, 32, 32)),
+                                                 torch.tensor([1, 2, 3]))
+        with FlopCounterMode(display=False) as counter:  # independent: torch's own count
+            loss.backward()
     assert totals.backward == 3 * fp32_backward_flops_per_sample(macs)
+    assert counter.get_total_flops() == pytest.approx(totals.backward, rel=1e-9)
 
 
 MODELS = [("tiny-cnn", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("mobilenetv2", (3, 32, 32))]
