@@ -17,16 +17,18 @@ from typing import Any
 
 from dashboards.readonly import Source
 from qsearch import protocol as P
-from qsearch.errors import QsearchError
+from qsearch.errors import QsearchError, StorageError
 
 _CACHE: OrderedDict[tuple[str, str, int], Any] = OrderedDict()
 _CACHE_SIZE = 32
 
 
 def _study_id(src: Source, name: str) -> int | None:
+    """The Optuna study id, or None when the database has no such Optuna study (or no Optuna
+    tables at all: a store written through qsearch's API only)."""
     try:
         return src.optuna_storage().get_study_id_from_name(name)
-    except KeyError:
+    except (KeyError, StorageError):
         return None
 
 
@@ -53,13 +55,17 @@ def importances(src: Source, name: str, n_trials: int) -> list[Any] | str:
 
     from qsearch.search.importance import param_importances
 
-    try:
-        study = optuna.load_study(study_name=name, storage=src.optuna_storage())
-        out: list[Any] | str = param_importances(study)
-    except KeyError:
-        out = "no Optuna study of this name (importance needs the study's Optuna trials)"
-    except QsearchError as e:
-        out = str(e)
+    out: list[Any] | str
+    if _study_id(src, name) is None:
+        out = "no Optuna trials for this study (importance is computed from them)"
+    else:
+        try:
+            study = optuna.load_study(study_name=name, storage=src.optuna_storage())
+            out = param_importances(study)
+        except QsearchError as e:
+            out = str(e)
+        except Exception as e:  # noqa: BLE001 - an evaluator's refusal: say it, show the rest
+            out = f"importance not computed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
     _CACHE[key] = out
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -19,6 +19,7 @@ import requests
 
 from dashboards import create_app
 from dashboards.readonly import open_source, readonly_url
+from _dash_client import DashClient, find, text_of, trace
 from _dash_data import (
     TINY_STUDY,
     launch_command,
@@ -31,77 +32,6 @@ from qsearch.errors import ConfigError
 from qsearch.store import Store, objective_info, queries
 
 pytestmark = pytest.mark.slow
-
-
-# --------------------------------------------------------------------------- Dash HTTP helpers
-
-
-class DashClient:
-    """Calls an app's callbacks the way the browser does: POST /_dash-update-component
-    with the output spec from /_dash-dependencies."""
-
-    def __init__(self, base: str):
-        self.base = base
-        self.deps = requests.get(f"{base}/_dash-dependencies", timeout=30).json()
-
-    def dep(self, output_prefix: str) -> dict[str, Any]:
-        for d in self.deps:
-            if d["output"].lstrip(".").startswith(output_prefix):
-                return d
-        raise KeyError(output_prefix)
-
-    def call(self, output_prefix: str, values: dict[str, Any],
-             changed: str | None = None) -> dict[str, Any]:
-        d = self.dep(output_prefix)
-        multi = d["output"].startswith("..")
-        outs = [o.rsplit(".", 1) for o in d["output"].strip(".").split("...")]
-        outputs = [{"id": i, "property": p} for i, p in outs]
-
-        def fill(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            return [{**x, "value": values.get(f"{x['id']}.{x['property']}")} for x in items]
-
-        inputs = fill(d["inputs"])
-        body = {"output": d["output"], "outputs": outputs if multi else outputs[0],
-                "inputs": inputs, "state": fill(d["state"]),
-                "changedPropIds": [changed or f"{inputs[0]['id']}.{inputs[0]['property']}"]}
-        r = requests.post(f"{self.base}/_dash-update-component", json=body, timeout=60)
-        assert r.status_code == 200, r.text[:2000]
-        return r.json()["response"]
-
-    def page(self, pathname: str) -> dict[str, Any]:
-        """The server-rendered layout of a URL (the routing callback's JSON)."""
-        return self.call("page.children", {"url.pathname": pathname})["page"]["children"]
-
-
-def find(tree: Any, comp_id: str) -> dict[str, Any] | None:
-    """The component with ``id`` in a serialized Dash layout."""
-    if isinstance(tree, dict):
-        if tree.get("props", {}).get("id") == comp_id:
-            return tree
-        for v in (tree.get("props") or {}).values():
-            hit = find(v, comp_id)
-            if hit is not None:
-                return hit
-    elif isinstance(tree, list):
-        for v in tree:
-            hit = find(v, comp_id)
-            if hit is not None:
-                return hit
-    return None
-
-
-def text_of(tree: Any) -> str:
-    if isinstance(tree, str | int | float):
-        return str(tree)
-    if isinstance(tree, list):
-        return " ".join(text_of(t) for t in tree)
-    if isinstance(tree, dict):
-        return text_of(tree.get("props", {}).get("children", ""))
-    return ""
-
-
-def trace(fig: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(t for t in fig["data"] if t.get("name") == name)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -311,7 +241,8 @@ def test_unknown_pages_say_why(served: dict[str, Any]) -> None:
     client = served["client"]
     assert "no study named 'nope'" in text_of(client.page("/study/nope"))
     assert "has no trial 999" in text_of(client.page(f"/study/{TINY_STUDY}/trial/999"))
-    assert "no page at" in text_of(client.page("/elsewhere"))
+    page = text_of(client.page("/elsewhere"))
+    assert "Page not found" in page and "/elsewhere" not in page
 
 
 def test_dashboard_connection_is_read_only(served: dict[str, Any]) -> None:
