@@ -20,7 +20,7 @@ from qsearch.methods.csq import (
     regularizer,
     temperature,
 )
-from qsearch.methods.csq_layers import BitConv2d, BitLinear, binary_expansion
+from qsearch.methods.csq_layers import BitConv2d, BitLinear, binary_expansion, plane_bits
 
 
 def _conv(seed: int = 0) -> nn.Conv2d:
@@ -34,7 +34,7 @@ def _conv(seed: int = 0) -> nn.Conv2d:
 # ----------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize("planes", [6, 8])
+@pytest.mark.parametrize("planes", [5, 7])
 def test_reconstruction_at_init_is_within_one_level(planes):
     conv = _conv()
     q = BitConv2d.from_float(conv, planes, a_bits=32)
@@ -57,24 +57,43 @@ def test_binary_expansion_round_trips():
     assert ((p == 0) | (n == 0)).all()  # sign-magnitude: one side is empty
 
 
-@pytest.mark.parametrize(("start", "bits"), [(0, 3), (2, 4), (0, 2), (3, 5)])
-def test_hard_gates_high_temperature_give_a_b_bit_grid(start, bits):
-    planes = 8
-    q = BitLinear.from_float(nn.Linear(64, 32), planes, a_bits=32)
+@pytest.mark.parametrize(("start", "k"), [(0, 1), (0, 3), (2, 4), (1, 2), (1, 5)])
+def test_k_planes_are_counted_as_k_plus_one_bits_on_the_grid_they_use(start, k):
+    """k hard planes at high temperature: every weight is an integer multiple of the last
+    plane's step with |level| <= 2^k - 1, all 2^(k+1) - 1 levels of that sign-magnitude grid
+    occur, so it needs k + 1 bits; the layer reports k + 1 (mutation: counting k fails the
+    ``w_bits`` assert, counting k + 2 too), and the signed (k+1)-bit LSQ grid stage 2 trains,
+    [-2^k, 2^k - 1], holds every level while a k-bit grid cannot."""
+    planes = 6
+    torch.manual_seed(k)
+    q = BitLinear.from_float(nn.Linear(256, 64), planes, a_bits=32)
     with torch.no_grad():  # random trained-looking bits, away from the undecided 0
         q.pbits.copy_(torch.randn_like(q.pbits).sign() * (0.5 + torch.rand_like(q.pbits)))
         q.nbits.copy_(torch.randn_like(q.nbits).sign() * (0.5 + torch.rand_like(q.nbits)))
-    pattern = [1 if start <= j < start + bits else 0 for j in range(planes)]
-    q.set_pattern(pattern)
+    q.set_pattern([1 if start <= j < start + k else 0 for j in range(planes)])
     q.beta = 1e4
     w = q.planes_weight().detach().double()
-    step = float(q.scale.detach()) * float(q.exps[start + bits - 1])
-    k = w / step
-    assert torch.allclose(k, k.round(), atol=1e-4)
-    k = k.round()
-    assert k.abs().max() <= 2**bits - 1
-    assert len(k.unique()) > 2**bits  # the grid is used, not a degenerate subset
-    assert q.w_bits == bits
+    step = float(q.scale.detach()) * float(q.exps[start + k - 1])
+    level = w / step
+    assert torch.allclose(level, level.round(), atol=1e-4)
+    levels = level.round().unique()
+    assert len(levels) == 2 ** (k + 1) - 1  # every level of the grid is used
+    assert levels.abs().max() == 2**k - 1
+    assert q.w_bits == plane_bits(k) == k + 1
+    b = q.w_bits  # signed b-bit LSQ: [-2^(b-1), 2^(b-1) - 1]
+    assert -(2 ** (b - 1)) <= levels.min() and levels.max() <= 2 ** (b - 1) - 1
+    assert len(levels) > 2 ** (b - 1)  # ... and b - 1 bits could not hold them
+
+
+def test_gate_openness_is_sigmoid_at_least_one_half():
+    """The reference reads a gate as open when sigmoid(beta*m) >= 0.5: m = 0 is open (the
+    initial state), a negative m closed (mutation ``gates > 0`` reads the first plane closed)."""
+    q = BitLinear.from_float(nn.Linear(8, 4), 4, a_bits=32)
+    with torch.no_grad():
+        q.gates.copy_(torch.tensor([0.0, 0.3, -1e-3, -0.2]))
+    q.beta = 50.0
+    assert q.raw_pattern() == [1, 1, 0, 0]
+    assert q.w_bits == 3  # two planes + the sign
 
 
 def test_temperature_schedule():
@@ -119,37 +138,36 @@ def test_regularizer_gradient_sign_flips_across_the_budget(integral):
 def test_readout_of_known_gate_patterns():
     raw = {"x": [1, 1, 1, 0, 0, 0, 0, 0],  # contiguous: kept
            "y": [1, 1, 0, 1, 0, 0, 0, 0],  # gap: 3 planes, best window by gate logits
-           "z": [1, 0, 0, 0, 0, 0, 0, 0]}  # one plane: clamped to the 2-bit minimum
+           "z": [0, 0, 0, 0, 0, 0, 0, 0]}  # no plane: clamped to one plane (2 bits)
     scores = {"x": [3, 2, 1, -1, -2, -3, -4, -5],
               "y": [0.1, 2, -1, 3, 0.5, -2, -3, -4],
               "z": [5, -0.5, -1, -2, -3, -4, -5, -6]}
     h = harden(raw, scores, None, 0.0)
-    assert h.bits() == {"x": 3, "y": 3, "z": 2}
-    assert h.windows == {"x": (0, 3), "y": (1, 3), "z": (0, 2)}
+    assert h.bits() == {"x": 4, "y": 4, "z": 2}  # planes + the sign bit
+    assert h.windows == {"x": (0, 3), "y": (1, 3), "z": (0, 1)}
     assert h.noncontiguous == {"y": "11010000 -> 01110000"}
-    assert h.projected == 0
+    assert h.projected == 0 and not h.projection_fired
 
 
-def test_budget_projection_meets_the_budget_cheapest_planes_first():
+def test_fallback_projection_meets_the_budget_cheapest_planes_first():
+    """enforce_budget only: it fires when the windows miss the band and says how many planes
+    it moved; bits are planes + 1."""
     numel = {"x": 1000, "y": 3000}
-    budget = Budget(numel, pinned_bits=0, extra_params=0, target_bits=3.0)
-    scores = {"x": [9, 8, 7, 6, -1, -2, -3, -4], "y": [9, 8, 0.5, 0.4, 0.3, -1, -2, -3]}
-    # 19000 bits for a 12000 budget: y's weak LSB planes go first, then one plane of x
-    # (closing y's third plane would undershoot the 2% band).
-    h = harden({"x": [1, 1, 1, 1, 0, 0, 0, 0], "y": [1, 1, 1, 1, 1, 0, 0, 0]}, scores,
-               budget, tol=0.02)
+    budget = Budget(numel, pinned_bits=0, extra_params=0, target_bits=3.0)  # 12000 bits
+    scores = {"x": [9, 8, 7, 6, -1, -2], "y": [9, 8, 0.5, 0.4, 0.3, -1]}
+    # 4 + 3 planes -> 5000 + 12000 bits: y's weak LSB planes go first, then one plane of x
+    # (closing y's second plane would undershoot the 2% band).
+    h = harden({"x": [1, 1, 1, 1, 0, 0], "y": [1, 1, 1, 0, 0, 0]}, scores, budget, tol=0.02)
     assert h.bits() == {"x": 3, "y": 3}
-    assert h.projected == 3
-    # A small overshoot is fixed in the layer whose plane fits, not the cheapest logit.
-    h = harden({"x": [1, 1, 1, 1, 0, 0, 0, 0], "y": [1, 1, 1, 0, 0, 0, 0, 0]}, scores,
-               budget, tol=0.02)
-    assert h.bits() == {"x": 3, "y": 3}
-    assert h.projected == 1
+    assert h.projection_fired and h.projected == 3
+    # In band already: the projection does not fire.
+    h = harden({"x": [1, 1, 0, 0, 0, 0], "y": [1, 1, 0, 0, 0, 0]}, scores, budget, tol=0.02)
+    assert not h.projection_fired and h.projected == 0
     # Below the budget planes are opened, highest gate logit first.
-    h = harden({"x": [1, 1, 0, 0, 0, 0, 0, 0], "y": [1, 1, 0, 0, 0, 0, 0, 0]}, scores,
-               budget, tol=0.02)
+    h = harden({"x": [1, 0, 0, 0, 0, 0], "y": [1, 0, 0, 0, 0, 0]}, scores, budget, tol=0.02)
     assert budget.avg_bits(h.bits()) == pytest.approx(3.0, abs=0.06)
     assert h.bits() == {"x": 6, "y": 2}  # a y plane (3000 bits) would overshoot the band
+    assert h.projection_fired and h.projected == 4
 
 
 # ----------------------------------------------------------------------------- config
@@ -158,12 +176,17 @@ def test_budget_projection_meets_the_budget_cheapest_planes_first():
 def test_config_errors_name_the_field(tiny_config):
     with pytest.raises(ConfigError, match="^epochs"):
         tiny_config(epochs=1, methods={"csq": {"enabled": True}})
-    with pytest.raises(ConfigError, match="methods.csq.target_bits"):
-        tiny_config(methods={"csq": {"enabled": True, "target_bits": 7, "planes": 6}})
+    with pytest.raises(ConfigError, match="methods.csq.target_bits"):  # 6 planes: 7 bits max
+        tiny_config(methods={"csq": {"enabled": True, "target_bits": 7.5, "planes": 6}})
+    tiny_config(methods={"csq": {"enabled": True, "target_bits": 7, "planes": 6}})
+    with pytest.raises(ConfigError, match="methods.csq.planes"):  # 8 planes would be 9 bits
+        tiny_config(methods={"csq": {"enabled": True, "planes": 8}})
     cfg = CSQConfig(enabled=True, target_mb=1e-4)
     with pytest.raises(ConfigError, match="methods.csq.target_mb"):
         make_budget(cfg, {"a": 1000}, pinned_bits=0, extra_params=0)
     assert make_budget(CSQConfig(enabled=True, target_mb=0.002), {"a": 4000}, 0, 0).target_bits == 4.0
+    with pytest.raises(ConfigError, match="methods.csq.target_mb"):  # 6 planes: 7 bits at most
+        make_budget(CSQConfig(enabled=True, target_mb=0.004), {"a": 4000}, 0, 0)
 
 
 # ----------------------------------------------------------------------------- trials
@@ -183,27 +206,65 @@ def _uniform_size_mb(cfg, bits: int) -> float:
     return compute_cost(layer_costs(model, data.input_shape), extra_param_count(model, q)).size_mb
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_digits_budget_is_met_with_mixed_bits(tiny_config, bits):
-    """Budget b = the size of uniform b-bit LSQ (first/last at 8 bits); CSQ searches every
-    layer (search_edges), so even b = 2 leaves room for unequal bits."""
+SEARCHED = ("stage2.0.0", "stage3.0")  # tiny-cnn's middle convs; first/last stay at 8 bits
+
+
+def _search(tiny_config, target: float, seed: int = 0, **csq):
+    """A CSQ trial long enough for the budget loop to settle (stage 1: 4 epochs of 17 steps),
+    projection off unless ``csq`` turns it on."""
     from qsearch.train import train
 
-    budget = _uniform_size_mb(tiny_config(), bits)
-    # Batch 128: stage 2 (one epoch here) needs enough steps to recover 2-bit accuracy; the
-    # accuracy floor was set with Nesterov momentum (SGD is plain heavy-ball by default now).
-    cfg = tiny_config(epochs=3, batch_size=128, nesterov=True, methods={"csq": {
-        "enabled": True, "target_mb": budget, "search_edges": True}})
-    seen: list[dict] = []
-    result = train(cfg, report=seen.append)
-    assert [m["epoch"] for m in seen] == [1, 2, 3]  # stage 1 reports its epochs too
-    assert seen[0]["csq.stage"] == 1 and "csq.stage" not in seen[-1]
-    size = result.metrics["size_mb"]
-    assert abs(size - budget) / budget <= 0.05
-    assert result.metrics["csq.budget_mb"] == pytest.approx(budget)
-    assert len(set(result.weight_bits.values())) > 1
-    assert {r.name: r.w_bits for r in result.layers} == result.weight_bits
-    assert result.metrics["accuracy"] > 0.5
+    cfg = tiny_config(epochs=8, seed=seed, methods={"csq": {
+        "enabled": True, "target_bits": target, "enforce_budget": False, **csq}})
+    return train(cfg)
+
+
+@pytest.mark.parametrize("target", [3, 4])
+def test_regularizer_meets_the_budget_without_projection(tiny_config, target):
+    """Projection off: the budget term alone brings the searched layers within 5% of the
+    target average bits (sign bit counted). On tiny-cnn one plane of a searched layer is
+    1/3 or 2/3 of a bit of the average, so 5% means the exact combination.
+
+    Mutation: ``lam: 0`` (no budget term) leaves the task loss to open planes and lands at
+    +11% (3 bits) / +8% (4 bits) for this seed, failing the band; the fallback projection
+    test below shows that case. Chance of a false failure: seed fixed, so the run is
+    deterministic on a given torch build; over seeds 0..5 of this setting every run of targets
+    2, 3, 4 landed in the band (benchmarks/bench_csq.py), so a build that perturbs the
+    trajectory fails with a chance we estimate below 1 in 6."""
+    r = _search(tiny_config, target)
+    m = r.metrics
+    assert abs(m["csq.avg_bits"] / target - 1) <= 0.05, r.weight_bits
+    assert m["csq.projection_fired"] == 0 and m["csq.planes_moved"] == 0
+    # The figures agree: size_mb is the budget's size of the found bits, the bits are those
+    # stage 2 trained, and the stage-1 accuracy is reported beside the final one.
+    assert m["size_mb"] == pytest.approx(m["csq.budget_mb"], rel=0.05)
+    assert {r_.name: r_.w_bits for r_ in r.layers} == r.weight_bits
+    assert 0.0 < m["csq.stage1_accuracy"] <= 1.0 and m["accuracy"] > 0.9
+
+
+def test_mixed_bits_among_the_searched_layers(tiny_config):
+    """Target 3.5 bits: no uniform width of the two searched convs is within 5% (3 and 4 bits
+    are 14% off), every in-band combination gives them different bits, so meeting the band
+    without projection proves the search mixes bits among the searched layers (the fixed
+    8-bit first/last layers do not count). Mutation: ``lam: 0`` misses the band; a search
+    that could only move both layers together could not pass. Chance of a false failure:
+    deterministic at a fixed seed; every one of seeds 0..2 passed when this was written."""
+    r = _search(tiny_config, 3.5)
+    bits = {n: r.weight_bits[n] for n in SEARCHED}
+    assert abs(r.metrics["csq.avg_bits"] / 3.5 - 1) <= 0.05, bits
+    assert len(set(bits.values())) == 2
+    assert r.metrics["csq.projection_fired"] == 0
+
+
+def test_without_the_regularizer_the_budget_is_missed_and_the_fallback_reports(tiny_config):
+    """The mutation of the budget test, run: ``lam: 0`` (task loss alone) misses the 5% band;
+    with ``enforce_budget`` the projection then fires, says how many planes it moved and
+    brings the size into the band."""
+    r = _search(tiny_config, 3, lam=0.0, enforce_budget=True)
+    m = r.metrics
+    assert abs(m["csq.search_avg_bits"] / 3 - 1) > 0.05
+    assert m["csq.projection_fired"] == 1 and m["csq.planes_moved"] >= 1
+    assert abs(m["csq.avg_bits"] / 3 - 1) <= 0.05
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +301,7 @@ def test_resume_does_not_rerun_the_search(csq_trial):
     again = train(cfg, checkpoint_dir=ckpt)  # the last checkpoint is the finished trial
     assert again.weight_bits == result.weight_bits
     assert again.metrics["size_mb"] == result.metrics["size_mb"]
-    assert again.metrics["csq.avg_bits"] == pytest.approx(3.0, abs=0.15)
+    assert again.metrics["csq.avg_bits"] == result.metrics["csq.avg_bits"]
     blob = torch.load(sorted(ckpt.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert blob["qat_start_epoch"] == 2 and blob["weight_bits"] == {
         k: v for k, v in result.weight_bits.items() if k in blob["weight_bits"]}
@@ -262,9 +323,11 @@ def test_kill_and_resume_mid_search_stage_is_bit_identical(tiny_config, tmp_path
 
     from qsearch.train import train
 
-    # 5 epochs: stage 1 = epochs 1-3 with the ticket at 1.5 epochs, stage 2 = epochs 4-5.
+    # 5 epochs: stage 1 = epochs 1-3 with the ticket between 1.5 epochs and its deadline
+    # 1.5 + 0.2 * 1.5 = 1.8 (it waits for an in-band pattern), stage 2 = epochs 4-5.
     cfg = tiny_config(epochs=5, batch_size=256, methods={"csq": {
-        "enabled": True, "target_bits": 3, "epochs_frac": 0.6, "ticket_frac": 0.5}})
+        "enabled": True, "target_bits": 3, "epochs_frac": 0.6, "ticket_frac": 0.5,
+        "ticket_wait": 0.2}})
 
     def untimed(ms):  # wall-clock and measured-time fields differ between any two runs
         return [{k: v for k, v in m.items() if k not in TIMING and "time" not in k} for m in ms]

@@ -4,23 +4,31 @@ A CSQ trial has two stages. Stage 1 (:meth:`CSQ.precision_stage`, the first
 ``round(epochs_frac * epochs)`` epochs) swaps every searched conv/linear for a bit-plane layer
 (:mod:`qsearch.methods.csq_layers`) and trains planes, gates and the rest of the network with
 
-    loss = CE + lambda * (rho - b_target/n) * sum_l w_l sum_j sigmoid(beta * m_lj)
+    loss = CE + lambda * (p * (rho - rho*) + I_t) * sum_l w_l sum_j sigmoid(beta * m_lj)
+    I_t  = I_(t-1) + integral_gain * (rho - rho*)
 
-``rho`` being the current (parameter-weighted) fraction of open gates: the sign of
-``rho - b_target/n`` flips the push on the gates as the model crosses the budget. The global
-temperature is ``beta = beta_final^(t/t_ticket)`` (``t`` in fractional epochs, so it grows every
-step); at the ticket (``ticket_frac`` of stage 1) the gates harden. Hardening reads the raw
-pattern ``1[m > 0]``, makes each layer's active planes contiguous (same count, window of
-highest gate logits; every change is reported), and — with ``enforce_budget`` — moves window
-ends, cheapest gate logits first, until the size is within ``budget_tol`` of the budget (the
-soft controller alone lands near the budget; the projection removes the last integer-plane
-error). The remaining stage-1 steps fine-tune with the hard pattern at ``beta_final``.
+``rho`` is the (parameter-weighted) fraction of open planes, ``rho* = (target_bits - 1) / n``
+(a layer with k planes is k + 1 bits: the sign), ``w_l`` the layer's size weight and ``p`` 1
+with ``proportional`` (the reference's term), else 0: by default the price of a plane is the
+running sum of past budget errors, a Lagrange multiplier found by dual ascent, which settles
+where exactly the budget's worth of planes is worth its price to the task loss. Gate logits
+move by ``gate_lr`` against the sign of their gradient (``gate_step: sign``, see
+:meth:`SearchStage.sign_step`) and start on a small MSB-first ramp (:func:`gate_init`).
 
-The read-out (active planes per layer) is returned to the trainer, which runs stage 2: LSQ QAT
-at those bits, continuing from the stage-1 weights (``carry_weights``), with every other
-enabled method. First/last layers stay at ``first_bits``/``last_bits`` and layers with an
-explicit ``layers.<name>.w_bits`` rule keep it; ``search_edges`` searches the first/last
-layers too (useful when a low budget leaves only one layer to search).
+The global temperature is ``beta = beta_final^(t/t_ticket)`` (``t`` in fractional epochs, so it
+grows every step). From ``t_ticket`` (``ticket_frac`` of stage 1) the ticket is drawn at the
+first step whose hard pattern is within ``budget_tol`` of the budget, at the latest
+``ticket_wait`` of the remaining stage later. Drawing reads ``1[sigmoid(beta*m) >= 0.5]``,
+makes each layer's active planes contiguous (same count; every change is reported) and, only
+with the ``enforce_budget`` fallback and only if the pattern missed the band, projects it
+(reported as ``projection_fired`` and ``planes_moved``). The remaining stage-1 steps
+fine-tune with the hard pattern at ``beta_final``.
+
+The read-out (bits per layer, sign included) is returned to the trainer, which runs stage 2:
+LSQ QAT at those bits, continuing from the stage-1 weights (``carry_weights``), with every
+other enabled method. First/last layers stay at ``first_bits``/``last_bits`` and layers with
+an explicit ``layers.<name>.w_bits`` rule keep it; ``search_edges`` searches the first/last
+layers too.
 
 Budgets: ``target_bits`` is the parameter-weighted average weight bits of the searched layers
 (so a budget of b has exactly the size of uniform b-bit LSQ with the same first/last layers);
@@ -39,7 +47,7 @@ from torch import nn
 
 from qsearch.cost import FP32_BITS, extra_param_count
 from qsearch.errors import ConfigError
-from qsearch.methods.csq_config import MIN_BITS, CSQConfig
+from qsearch.methods.csq_config import MIN_BITS, SIGN_BITS, CSQConfig
 from qsearch.methods.plugin import Method, Stage
 from qsearch.methods.csq_layers import (
     BitConv2d,
@@ -47,6 +55,7 @@ from qsearch.methods.csq_layers import (
     BitPlaneLayer,
     contiguous_window,
     is_contiguous,
+    plane_bits,
     window_pattern,
 )
 
@@ -56,6 +65,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 INTEGRAL_CAP = 100.0  # anti-windup bound of the budget loop's integral term
+MIN_PLANES = MIN_BITS - SIGN_BITS  # a searched layer keeps at least one magnitude plane
+GATE_CLIP = 40.0  # bound on |beta_final * m| under gate_step=sign (sigmoid' stays > 1e-18)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -63,7 +74,9 @@ INTEGRAL_CAP = 100.0  # anti-windup bound of the budget loop's integral term
 
 @dataclass
 class Budget:
-    """Sizes of the searched and pinned layers, and the bit budget of the searched ones."""
+    """Sizes of the searched and pinned layers, and the bit budget of the searched ones.
+
+    ``bits`` arguments are per-layer weight bits, sign included (:func:`plane_bits`)."""
 
     numel: dict[str, int]  # searched layers, forward order
     pinned_bits: int  # sum N_l * b_l of the layers CSQ does not search
@@ -78,30 +91,40 @@ class Budget:
     def budget_bits(self) -> float:
         return self.target_bits * self.total_numel
 
+    def searched_bits(self, bits: dict[str, int]) -> int:
+        return sum(self.numel[n] * bits[n] for n in self.numel)
+
     def size_mb(self, bits: dict[str, int]) -> float:
-        searched = sum(self.numel[n] * bits[n] for n in self.numel)
+        searched = self.searched_bits(bits)
         return (searched + self.pinned_bits + FP32_BITS * self.extra_params) / 8 / 1e6
 
     def budget_mb(self) -> float:
         return (self.budget_bits + self.pinned_bits + FP32_BITS * self.extra_params) / 8 / 1e6
 
     def avg_bits(self, bits: dict[str, int]) -> float:
-        return sum(self.numel[n] * bits[n] for n in self.numel) / max(1, self.total_numel)
+        return self.searched_bits(bits) / max(1, self.total_numel)
+
+    def rel_error(self, bits: dict[str, int]) -> float:
+        """(searched bits - budget) / budget: the figure ``budget_tol`` bounds."""
+        return self.searched_bits(bits) / max(1e-12, self.budget_bits) - 1.0
 
 
 def make_budget(cfg: CSQConfig, numel: dict[str, int], pinned_bits: int, extra_params: int,
                 min_bits: int = MIN_BITS) -> Budget:
-    """Resolve ``target_bits``/``target_mb`` to an average over the searched layers."""
+    """Resolve ``target_bits``/``target_mb`` to an average over the searched layers (bits
+    counted with the sign: ``planes`` planes reach ``planes + 1`` bits)."""
     b = Budget(numel, pinned_bits, extra_params, 0.0)
+    top = plane_bits(cfg.planes)
     if cfg.target_mb is not None:
         fixed = pinned_bits + FP32_BITS * extra_params
         target = (cfg.target_mb * 8e6 - fixed) / max(1, b.total_numel)
         lo = Budget(numel, pinned_bits, extra_params, min_bits).budget_mb()
-        hi = Budget(numel, pinned_bits, extra_params, cfg.planes).budget_mb()
-        if not min_bits <= target <= cfg.planes:
+        hi = Budget(numel, pinned_bits, extra_params, top).budget_mb()
+        if not min_bits <= target <= top:
             raise ConfigError("methods.csq.target_mb",
                               f"{cfg.target_mb} MB is out of reach for this model; with "
-                              f"{cfg.planes} planes the size can be {lo:.4g} to {hi:.4g} MB")
+                              f"{cfg.planes} planes ({top} bits) the size can be {lo:.4g} to "
+                              f"{hi:.4g} MB")
         b.target_bits = target
     else:
         b.target_bits = float(cfg.target_bits if cfg.target_bits is not None else 3.0)
@@ -115,30 +138,32 @@ def make_budget(cfg: CSQConfig, numel: dict[str, int], pinned_bits: int, extra_p
 class Hardening:
     """What drawing the ticket did: per-layer windows and every change it made."""
 
-    windows: dict[str, tuple[int, int]]  # layer -> (first active plane, bits)
+    windows: dict[str, tuple[int, int]]  # layer -> (first active plane, active planes)
     raw: dict[str, list[int]]
     noncontiguous: dict[str, str] = field(default_factory=dict)  # layer -> "raw -> resolved"
-    projected: int = 0  # planes opened or closed to meet the budget
+    projected: int = 0  # planes opened or closed by the budget projection (enforce_budget)
+    projection_fired: bool = False  # the projection ran (the soft search missed the band)
 
     def bits(self) -> dict[str, int]:
-        return {n: k for n, (_, k) in self.windows.items()}
+        return {n: plane_bits(k) for n, (_, k) in self.windows.items()}
 
     def patterns(self, planes: int) -> dict[str, list[int]]:
         return {n: window_pattern(planes, s, k) for n, (s, k) in self.windows.items()}
 
 
 def harden(raw: dict[str, list[int]], scores: dict[str, list[float]], budget: Budget | None,
-           tol: float, min_bits: int = MIN_BITS) -> Hardening:
-    """Turn raw gate patterns into contiguous windows, then (if ``budget``) meet the budget.
+           tol: float, min_planes: int = MIN_PLANES) -> Hardening:
+    """Turn raw gate patterns into contiguous windows; then, if ``budget`` is given (the
+    ``enforce_budget`` fallback) and the windows miss ``[1-tol, 1+tol] * budget``, project.
 
-    ``scores`` are the gate logits m (higher = more wanted). The budget step closes (opens) the
+    ``scores`` are the gate logits m (higher = more wanted). The projection closes (opens) the
     window end with the lowest (highest) logit per bit of its layer — a knapsack greedy —
-    among moves that keep the size within ``[1-tol, 1+tol] * budget``; when no move fits it
-    takes the smallest layer.
+    among moves that keep the size within the band; when no move fits it takes the smallest
+    layer.
     """
     out = Hardening(windows={}, raw=raw)
     for name, pat in raw.items():
-        start, k = contiguous_window(pat, scores[name], min_bits)
+        start, k = contiguous_window(pat, scores[name], min_planes)
         resolved = window_pattern(len(pat), start, k)
         if resolved != pat:
             fmt = "".join(map(str, pat)), "".join(map(str, resolved))
@@ -147,25 +172,28 @@ def harden(raw: dict[str, list[int]], scores: dict[str, list[float]], budget: Bu
                 log.info("CSQ layer %s: active planes %s not contiguous; kept window %s",
                          name, *fmt)
         out.windows[name] = (start, k)
-    if budget is not None:
-        out.projected = _project(out.windows, scores, budget, tol)
+    if budget is not None and abs(budget.rel_error(out.bits())) > tol:
+        out.projection_fired = True
+        out.projected = _project(out.windows, scores, budget, tol, min_planes)
+        log.warning("CSQ: the searched pattern missed the budget band; enforce_budget moved "
+                    "%d planes", out.projected)
     return out
 
 
 def _project(windows: dict[str, tuple[int, int]], scores: dict[str, list[float]],
-             budget: Budget, tol: float) -> int:
+             budget: Budget, tol: float, min_planes: int) -> int:
     target = budget.budget_bits
     lo, hi = target * (1 - tol), target * (1 + tol)
     numel = budget.numel
     moves = 0
 
     def total() -> float:
-        return sum(numel[n] * k for n, (_, k) in windows.items())
+        return sum(numel[n] * plane_bits(k) for n, (_, k) in windows.items())
 
     while total() > hi:  # close planes
         cands = []
         for n, (s, k) in windows.items():
-            if k > MIN_BITS:
+            if k > min_planes:
                 top, bot = scores[n][s], scores[n][s + k - 1]
                 # damage per bit saved: the end plane's gate logit over the layer's size
                 cands.append((min(top, bot) / numel[n], n,
@@ -224,8 +252,10 @@ class CSQ(Method):
 
     # -- reporting ---------------------------------------------------------------------
     def metrics(self, ctx: TrainContext) -> dict[str, float]:
-        keys = ("avg_bits", "target_bits", "budget_mb", "noncontiguous", "projected",
-                "stage_accuracy")
+        keys = ("avg_bits", "search_avg_bits", "target_bits", "budget_mb", "budget_error",
+                "ticket_epoch",
+                "noncontiguous", "projection_fired", "planes_moved", "projected",
+                "stage_accuracy", "stage1_accuracy")
         return {k: float(self.summary[k]) for k in keys if k in self.summary}
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,16 +308,19 @@ def regularizer(layers: dict[str, BitPlaneLayer], weights: dict[str, float], rho
                 target_rho: float, lam: float, integral: float = 0.0) -> torch.Tensor:
     """lambda * (rho - target + integral) * sum_l w_l sum_j sigmoid(beta*m_lj).
 
-    With ``integral = 0`` this is the reference's budget term; the integral (the running sum
-    of past errors, see :func:`run_stage`) removes the steady-state error a proportional-only
-    loop leaves when the task loss holds the gates open."""
+    With ``integral = 0`` this is the reference's budget term. :class:`SearchStage` passes
+    ``rho = target = 0`` unless ``proportional`` is on, so the price is the integral alone:
+    the running sum of past errors, which removes the steady-state error a proportional loop
+    leaves when the task loss holds gates open, and does not flip sign every time one plane
+    crosses the budget."""
     total = sum(weights[n] * q.soft_gates().sum() for n, q in layers.items())
     return lam * (rho - target_rho + integral) * total
 
 
 def open_fraction(layers: dict[str, BitPlaneLayer], shares: dict[str, float]) -> float:
-    """rho: the share-weighted fraction of open gates (1[m > 0], or the hard mask)."""
-    return sum(shares[n] * sum(q.raw_pattern()) / q.planes for n, q in layers.items())
+    """rho: the share-weighted fraction of open planes (``sigmoid(beta*m) >= 0.5``, or the hard
+    mask), each layer counted as the read-out will count it (at least one plane)."""
+    return sum(shares[n] * (q.w_bits - SIGN_BITS) / q.planes for n, q in layers.items())
 
 
 def temperature(t: float, t_ticket: float, beta_final: float) -> float:
@@ -303,7 +336,9 @@ STAGE_NAME = "csq.search"  # the stage's name in reports, errors and checkpoints
 
 def _stage_groups(model: nn.Module, cfg: TrialConfig) -> list[dict[str, Any]]:
     """Bit logits, gate logits and scales get their own groups without weight decay (decay
-    would pull bit logits to the undecided sigmoid(0) = 0.5); everything else as in QAT."""
+    would pull bit logits to the undecided sigmoid(0) = 0.5); everything else as in QAT. With
+    ``gate_step: sign`` the gate logits are in no group: :meth:`SearchStage.after_step`
+    steps them."""
     c = cfg.methods.csq
     groups: dict[str, list[nn.Parameter]] = {"bits": [], "gates": [], "scales": [], "other": []}
     for name, p in model.named_parameters():
@@ -318,17 +353,34 @@ def _stage_groups(model: nn.Module, cfg: TrialConfig) -> list[dict[str, Any]]:
         {"name": "other", "params": groups["other"], "lr": cfg.lr,
          "weight_decay": cfg.weight_decay},
     ]
+    if c.gate_step == "sign":
+        spec = [g for g in spec if g["name"] != "csq_gates"]
     return [g for g in spec if g["params"]]
 
 
 def _current_bits(layers: dict[str, BitPlaneLayer]) -> dict[str, int]:
-    return {n: min(q.planes, max(MIN_BITS, q.w_bits)) for n, q in layers.items()}
+    """Bits per layer as the gates stand (sign included, at least one plane)."""
+    return {n: q.w_bits for n, q in layers.items()}
+
+
+def gate_init(c: CSQConfig, target_bits: float) -> list[float]:
+    """Initial gate logits m_j of every searched layer, MSB first.
+
+    ``gate_ramp = 0`` is the reference's all-zero start (every plane half open, every gate of a
+    layer identical). A ramp ``m_j = gate_ramp * (k* - 1/2 - j)`` around the budget's plane
+    count ``k* = target_bits - 1`` opens the ``k*`` most significant planes first: the budget
+    term then pushes on one marginal gate per layer instead of flipping every gate of a layer
+    at once (the gates of a layer get the same push, and at the warm start's loss minimum the
+    task loss gives them almost none)."""
+    k = target_bits - SIGN_BITS
+    return [c.gate_ramp * (k - 0.5 - j) for j in range(c.planes)]
 
 
 class SearchStage(Stage):
     """Stage 1 as a :class:`~qsearch.methods.plugin.Stage` of the shared loop: before each
-    forward the temperature (and, at ``t_ticket``, the ticket); the budget term (with its
-    integral) in the loss until the ticket; per-epoch ``csq.*`` metrics."""
+    forward the temperature (and, from ``t_ticket``, the ticket once the pattern is in band
+    or the deadline has come); the budget term in the loss until the ticket; the sign step of
+    the gates after each optimizer step; per-epoch ``csq.*`` metrics."""
 
     def __init__(self, c: CSQConfig, net: nn.Module, epochs: int,
                  layers: dict[str, BitPlaneLayer], budget: Budget):
@@ -339,12 +391,15 @@ class SearchStage(Stage):
                        else {n: 1.0 / len(layers) for n in layers})
         # mean weight 1: lambda keeps its scale
         self.weights = {n: self.shares[n] * len(layers) for n in layers}
-        self.target_rho = budget.target_bits / c.planes
+        self.target_rho = (budget.target_bits - SIGN_BITS) / c.planes
         self.t_ticket = c.ticket_frac * epochs
+        # The ticket waits (at most to t_deadline) for a step whose hard pattern is in band.
+        self.t_deadline = self.t_ticket + c.ticket_wait * (epochs - self.t_ticket)
         self.hard: Hardening | None = None
         self.integral = 0.0
         self.soft_avg = float("nan")
         self.beta, self.rho, self.t = 1.0, 0.0, 0.0
+        self.t_drawn = float("nan")
 
     def param_groups(self, ctx: TrainContext) -> list[dict[str, Any]]:
         return _stage_groups(self.model, ctx.config)
@@ -358,11 +413,34 @@ class SearchStage(Stage):
         for n, pat in h.patterns(c.planes).items():
             layers[n].set_pattern(pat)
         self.hard = h
+        self.t_drawn = self.t
         return h
+
+    @torch.no_grad()
+    def sign_step(self) -> None:
+        """Move every gate logit ``gate_lr`` against the sign of its gradient, then clip
+        ``|beta_final * m|`` to ``GATE_CLIP``.
+
+        Why not SGD: the task loss and the budget term reach a gate through the same factor
+        ``beta * sigmoid'(beta*m)``, so the sign of the gradient is exactly the verdict "the
+        plane's value to the task loss is below (above) its price" — but that factor vanishes
+        for a saturated gate at high temperature, and in a short trial plain SGD freezes gates
+        wherever the task loss threw them before the budget term has caught up (a 3-bit target
+        landed at 4.3 bits). The clip keeps ``beta*m`` finite so the factor never underflows to
+        0 and every gate can still follow the budget until the ticket."""
+        clip = GATE_CLIP / self.c.beta_final
+        for q in self.layers.values():
+            g = q.gates.grad
+            if g is not None:
+                q.gates.sub_(self.c.gate_lr * g.sign()).clamp_(-clip, clip)
+                q.gates.grad = None
+
+    def in_band(self) -> bool:
+        return abs(self.budget.rel_error(_current_bits(self.layers))) <= self.c.budget_tol
 
     def before_forward(self, ctx: TrainContext) -> None:
         t = self.t = self.progress(ctx)
-        if self.hard is None and t >= self.t_ticket:
+        if self.hard is None and t >= self.t_ticket and (self.in_band() or t >= self.t_deadline):
             self.draw_ticket()
         self.beta = temperature(t, self.t_ticket, self.c.beta_final)
         for q in self.layers.values():
@@ -375,11 +453,14 @@ class SearchStage(Stage):
         if self.hard is None:
             self.integral = min(INTEGRAL_CAP, max(-INTEGRAL_CAP, self.integral
                                                   + c.integral_gain * (rho - self.target_rho)))
-            loss = loss + regularizer(self.layers, self.weights, rho, self.target_rho, c.lam,
-                                      self.integral)
+            p = 1.0 if c.proportional else 0.0
+            loss = loss + regularizer(self.layers, self.weights, p * rho, p * self.target_rho,
+                                      c.lam, self.integral)
         return loss
 
     def after_step(self, ctx: TrainContext) -> None:
+        if self.c.gate_step == "sign":
+            self.sign_step()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("csq t=%.3f beta=%.1f rho=%.3f I=%.2f gates=%s", self.t, self.beta,
                       self.rho, self.integral,
@@ -393,18 +474,22 @@ class SearchStage(Stage):
 
     def state_dict(self) -> dict[str, Any]:
         h = self.hard
-        return {"integral": self.integral, "soft_avg": self.soft_avg, "hard": None if h is None
+        return {"integral": self.integral, "soft_avg": self.soft_avg, "t_drawn": self.t_drawn,
+                "hard": None if h is None
                 else {"windows": {n: list(w) for n, w in h.windows.items()}, "raw": h.raw,
-                      "noncontiguous": h.noncontiguous, "projected": h.projected}}
+                      "noncontiguous": h.noncontiguous, "projected": h.projected,
+                      "projection_fired": h.projection_fired}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.integral = float(state["integral"])
         self.soft_avg = float(state["soft_avg"])
+        self.t_drawn = float(state["t_drawn"])
         h = state["hard"]
         self.hard = None if h is None else Hardening(
             windows={n: (int(w[0]), int(w[1])) for n, w in h["windows"].items()},
             raw={n: list(p) for n, p in h["raw"].items()},
-            noncontiguous=dict(h["noncontiguous"]), projected=int(h["projected"]))
+            noncontiguous=dict(h["noncontiguous"]), projected=int(h["projected"]),
+            projection_fired=bool(h["projection_fired"]))
         if self.hard is not None:
             for n, pat in self.hard.patterns(self.c.planes).items():
                 self.layers[n].set_pattern(pat)
@@ -436,7 +521,7 @@ def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, 
         if name not in numel:
             return None  # pinned: plain LSQ at its resolved bits
         return (BitConv2d if isinstance(m, nn.Conv2d) else BitLinear).from_float(
-            m, c.planes, p.a_bits, signed)
+            m, c.planes, p.a_bits, signed, gate_init(c, budget.target_bits))
 
     net = copy.deepcopy(model)
     converted = convert(net, precision, bit_plane)
@@ -456,8 +541,11 @@ def run_stage(c: CSQConfig, ctx: TrainContext, epochs1: int) -> tuple[dict[str, 
     summary = {
         "avg_bits": budget.avg_bits(bits), "target_bits": budget.target_bits,
         "budget_mb": budget.budget_mb(), "size_mb": budget.size_mb(bits),
-        "soft_avg_bits": stage.soft_avg, "noncontiguous": len(hard.noncontiguous),
-        "projected": hard.projected, "stage_accuracy": acc, "bits": dict(bits),
+        "search_avg_bits": stage.soft_avg, "noncontiguous": len(hard.noncontiguous),
+        "budget_error": budget.rel_error(bits), "ticket_epoch": stage.t_drawn,
+        "projection_fired": int(hard.projection_fired), "planes_moved": hard.projected,
+        "projected": hard.projected, "stage_accuracy": acc, "stage1_accuracy": acc,
+        "bits": dict(bits),
         "raw": {n: "".join(map(str, p)) for n, p in hard.raw.items()},
         "resolved": dict(hard.noncontiguous),
     }

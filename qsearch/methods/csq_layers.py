@@ -23,9 +23,18 @@ sparsification, but kept in the learned scale instead of the gate, so hardening 
 the ticket (``g -> 1[m > 0]``) causes no jump. As gates open and beta grows the open planes of
 a layer scale up together; ``s`` is learned and BatchNorm follows every searched conv.
 
+Counting bits
+-------------
 With hard gates and a high temperature every weight lies on the grid
-``{k * s * e_last : |k| <= 2^b - 1}`` of the b active (contiguous) planes: a sign-magnitude
-b-bit grid, which the reference (and we) count as b bits.
+``{k * s * e_last : |k| <= 2^k_on - 1}`` of the ``k_on`` active (contiguous) planes: a
+sign-magnitude grid of ``2^(k_on+1) - 1`` levels. It needs ``k_on`` magnitude bits and a sign
+bit, so a layer with ``k_on`` planes is counted as ``k_on + 1`` bits (:func:`plane_bits`) in the
+budget, in ``size_mb`` and in the bits handed to stage 2, whose signed ``(k_on+1)``-bit LSQ grid
+(``-2^k_on .. 2^k_on - 1``) contains every stage-1 level. (The reference counts ``k_on`` bits,
+which under-counts every layer by one bit.)
+
+Gate openness is read as the reference reads it: a gate is open when
+``sigmoid(beta*m) >= 0.5``, i.e. ``m >= 0`` (so the initial ``m = 0`` counts as open).
 """
 
 from __future__ import annotations
@@ -36,7 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsearch.methods.csq_config import SIGN_BITS  # bits = active planes + the sign bit
 from qsearch.quant.lsq import LSQQuantizer
+
+
+def plane_bits(active_planes: int) -> int:
+    """Bits of a layer whose ``active_planes`` contiguous planes are on (sign-magnitude)."""
+    return active_planes + SIGN_BITS
+
 
 #: |logit| of an initial bit: sigmoid(1) = 0.73 keeps bits trainable at beta = 1 and makes them
 #: binary (sigmoid(+-beta)) as the temperature grows.
@@ -77,7 +93,8 @@ class BitPlaneLayer(nn.Module):
     bias: nn.Parameter | None
     a_quant: LSQQuantizer
 
-    def _init_planes(self, w: torch.Tensor, planes: int, a_bits: int, a_signed: bool | None) -> None:
+    def _init_planes(self, w: torch.Tensor, planes: int, a_bits: int, a_signed: bool | None,
+                     gate_init: list[float] | None = None) -> None:
         p, nb, S = binary_expansion(w.detach().float(), planes)
         self.planes = planes
         self.beta = 1.0
@@ -85,7 +102,10 @@ class BitPlaneLayer(nn.Module):
         self.weight_shape = tuple(w.shape)
         self.pbits = nn.Parameter(((2 * p - 1) * BIT_LOGIT).to(w.dtype))
         self.nbits = nn.Parameter(((2 * nb - 1) * BIT_LOGIT).to(w.dtype))
-        self.gates = nn.Parameter(torch.zeros(planes, dtype=w.dtype, device=w.device))
+        init = torch.zeros(planes) if gate_init is None else torch.tensor(gate_init)
+        if init.shape != (planes,):
+            raise ValueError(f"gate_init needs {planes} values, got {tuple(init.shape)}")
+        self.gates = nn.Parameter(init.to(w.device, w.dtype))
         scale = S / (0.5 * math.tanh(BIT_LOGIT / 2)) if S > 0 else 1.0
         self.scale = nn.Parameter(torch.full((1,), scale, dtype=w.dtype, device=w.device))
         self.register_buffer("exps", plane_values(planes).to(w.device, w.dtype))
@@ -106,8 +126,9 @@ class BitPlaneLayer(nn.Module):
         return torch.sigmoid(self.beta * self.gates)
 
     def raw_pattern(self) -> list[int]:
-        """Active planes as the gates stand: the hard mask after the ticket, else 1[m > 0]."""
-        src = self.mask > 0.5 if self.hard else self.gates > 0
+        """Active planes as the gates stand: the hard mask after the ticket, else
+        ``1[sigmoid(beta*m) >= 0.5]`` (the reference's reading)."""
+        src = self.mask > 0.5 if self.hard else self.soft_gates().detach() >= 0.5
         return [int(v) for v in src.tolist()]
 
     def planes_weight(self) -> torch.Tensor:
@@ -136,8 +157,9 @@ class BitPlaneLayer(nn.Module):
 
     @property
     def w_bits(self) -> int:
-        """Active planes (what the cost model reads while CSQ runs)."""
-        return sum(self.raw_pattern())
+        """Bits of the active planes, sign included (what the cost model reads while CSQ runs;
+        at least one plane counts, as the read-out keeps at least one)."""
+        return plane_bits(min(self.planes, max(1, sum(self.raw_pattern()))))
 
     @property
     def a_bits(self) -> int:
@@ -149,14 +171,15 @@ class BitConv2d(nn.Conv2d, BitPlaneLayer):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, planes: int, a_bits: int,
-                   a_signed: bool | None = None) -> BitConv2d:
+                   a_signed: bool | None = None, gate_init: list[float] | None = None
+                   ) -> BitConv2d:
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                 conv.dilation, conv.groups, conv.bias is not None,
                 device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             if conv.bias is not None:
                 q.bias.copy_(conv.bias)
-        q._init_planes(conv.weight, planes, a_bits, a_signed)
+        q._init_planes(conv.weight, planes, a_bits, a_signed, gate_init)
         del q.weight  # the weight is computed from the planes
         return q
 
@@ -170,13 +193,14 @@ class BitLinear(nn.Linear, BitPlaneLayer):
 
     @classmethod
     def from_float(cls, lin: nn.Linear, planes: int, a_bits: int,
-                   a_signed: bool | None = None) -> BitLinear:
+                   a_signed: bool | None = None, gate_init: list[float] | None = None
+                   ) -> BitLinear:
         q = cls(lin.in_features, lin.out_features, lin.bias is not None,
                 device=lin.weight.device, dtype=lin.weight.dtype)
         with torch.no_grad():
             if lin.bias is not None:
                 q.bias.copy_(lin.bias)
-        q._init_planes(lin.weight, planes, a_bits, a_signed)
+        q._init_planes(lin.weight, planes, a_bits, a_signed, gate_init)
         del q.weight
         return q
 
@@ -187,15 +211,16 @@ class BitLinear(nn.Linear, BitPlaneLayer):
 # ----------------------------------------------------------------------------- read-out
 
 
-def contiguous_window(pattern: list[int], scores: list[float], min_bits: int) -> tuple[int, int]:
+def contiguous_window(pattern: list[int], scores: list[float], min_planes: int = 1
+                      ) -> tuple[int, int]:
     """(start, length) of the contiguous run of planes the layer keeps.
 
-    The length is the number of active planes, clamped to ``[min_bits, n]`` (bits are counted,
-    so resolving a gap never changes the size); among windows of that length the one with the
-    largest sum of gate logits wins, ties going to the more significant window.
+    The length is the number of active planes, clamped to ``[min_planes, n]`` (planes are
+    counted, so resolving a gap never changes the size); among windows of that length the one
+    with the largest sum of gate logits wins, ties going to the more significant window.
     """
     n = len(pattern)
-    k = min(n, max(min_bits, sum(pattern)))
+    k = min(n, max(min_planes, sum(pattern)))
     best, best_start = -math.inf, 0
     for start in range(n - k + 1):
         total = sum(scores[start:start + k])
