@@ -324,6 +324,7 @@ def test_hypernet_is_trained_through_the_loss_after_its_update(tiny_config):
     gq.pending.clear()
 
 
+@pytest.mark.slow  # four 4-epoch trainings
 def test_hypernet_lowers_held_out_loss_at_fixed_seeds(tiny_config):
     """Statistical efficacy check at fixed seeds 0 and 1: from scratch at W2A2 with 4-bit
     gradients and the trial's default SGD LR 0.02 (under-trained in 4 epochs), the committed
