@@ -225,12 +225,13 @@ def test_regularizer_meets_the_budget_without_projection(tiny_config, target):
     target average bits (sign bit counted). On tiny-cnn one plane of a searched layer is
     1/3 or 2/3 of a bit of the average, so 5% means the exact combination.
 
-    Mutation: ``lam: 0`` (no budget term) leaves the task loss to open planes and lands at
-    +11% (3 bits) / +8% (4 bits) for this seed, failing the band; the fallback projection
-    test below shows that case. Chance of a false failure: seed fixed, so the run is
-    deterministic on a given torch build; over seeds 0..5 of this setting every run of targets
-    2, 3, 4 landed in the band (benchmarks/bench_csq.py), so a build that perturbs the
-    trajectory fails with a chance we estimate below 1 in 6."""
+    Mutation: ``lam: 0`` (no budget term) leaves the task loss to open planes: at 4 bits it
+    landed at 5.67 bits (+42%) and fails; at 3 bits the ramped gates start on the budget and
+    ``lam: 0`` can stay in band, so there the power is in the 4-bit case and in
+    :func:`test_mixed_bits_among_the_searched_layers`. Chance of a false failure: none at a
+    fixed torch build and thread count (the run is deterministic); a build that changes the
+    trajectory draws a new outcome, and in the benchmark setting 9 of 9 (target, seed) runs
+    were in band, which bounds that chance only loosely (roughly below 1 in 4 at 95%)."""
     r = _search(tiny_config, target)
     m = r.metrics
     assert abs(m["csq.avg_bits"] / target - 1) <= 0.05, r.weight_bits
@@ -246,9 +247,10 @@ def test_mixed_bits_among_the_searched_layers(tiny_config):
     """Target 3.5 bits: no uniform width of the two searched convs is within 5% (3 and 4 bits
     are 14% off), every in-band combination gives them different bits, so meeting the band
     without projection proves the search mixes bits among the searched layers (the fixed
-    8-bit first/last layers do not count). Mutation: ``lam: 0`` misses the band; a search
-    that could only move both layers together could not pass. Chance of a false failure:
-    deterministic at a fixed seed; every one of seeds 0..2 passed when this was written."""
+    8-bit first/last layers do not count). Mutation: ``lam: 0`` lands at 6.33 bits (+81%); a
+    search that could only move both layers together could not pass. Chance of a false
+    failure: none at a fixed torch build and thread count; seeds 0, 1, 2 of this setting all
+    passed when it was written (with an 8-epoch warm start too)."""
     r = _search(tiny_config, 3.5)
     bits = {n: r.weight_bits[n] for n in SEARCHED}
     assert abs(r.metrics["csq.avg_bits"] / 3.5 - 1) <= 0.05, bits
@@ -260,11 +262,11 @@ def test_without_the_regularizer_the_budget_is_missed_and_the_fallback_reports(t
     """The mutation of the budget test, run: ``lam: 0`` (task loss alone) misses the 5% band;
     with ``enforce_budget`` the projection then fires, says how many planes it moved and
     brings the size into the band."""
-    r = _search(tiny_config, 3, lam=0.0, enforce_budget=True)
+    r = _search(tiny_config, 4, lam=0.0, enforce_budget=True)
     m = r.metrics
-    assert abs(m["csq.search_avg_bits"] / 3 - 1) > 0.05
+    assert abs(m["csq.search_avg_bits"] / 4 - 1) > 0.05
     assert m["csq.projection_fired"] == 1 and m["csq.planes_moved"] >= 1
-    assert abs(m["csq.avg_bits"] / 3 - 1) <= 0.05
+    assert abs(m["csq.avg_bits"] / 4 - 1) <= 0.05
 
 
 @pytest.fixture(scope="module")
