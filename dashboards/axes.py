@@ -36,6 +36,13 @@ def title(o: ObjectiveInfo, width: int = WRAP) -> str:
     return wrap(o.axis_title, width)
 
 
+def compact(o: ObjectiveInfo) -> str:
+    """``name (unit, kind)``: for axes with little room (parallel coordinates, the 3-D
+    scene, whose titles are clipped at the figure's edge); the hover text has the label."""
+    inner = ", ".join(p for p in (o.unit, o.kind) if p)
+    return f"{o.name} ({inner})" if inner else o.name
+
+
 def padded_range(values: Iterable[Any], frac: float = 0.08) -> list[float] | None:
     """[lo, hi] around ``values`` with ``frac`` of the span (or of the value) on each side,
     so no marker sits on a wall; None when there is no number."""
@@ -53,13 +60,14 @@ def cost_of(objectives: Iterable[str]) -> str | None:
 
 
 def with_cost(objectives: list[str], cost: str | None) -> list[str]:
-    """``objectives`` with its training-cost objective replaced by ``cost`` (appended when it
-    has none); unchanged for None."""
+    """``objectives`` with its training-cost objective replaced by ``cost``; unchanged for
+    None. A study without one gets ``cost`` third, where the plots show it (colour, the 3-D
+    view's depth), its other objectives after it."""
     if not cost:
         return list(objectives)
     current = cost_of(objectives)
     if current is None:
-        return [*objectives, cost]
+        return [*objectives[:2], cost, *objectives[2:]]
     return [cost if o == current else o for o in objectives]
 
 

@@ -213,12 +213,12 @@ def pareto_3d(trials: Sequence[dict[str, Any]], front: Sequence[dict[str, Any]],
             sym = {"circle-open": "circle-open", "square-open": "square-open"}.get(symbol, "x")
             add(name, rows, {"symbol": sym, "size": 4, "color": color}, mode="markers")
     pts = g.plotted()
-    scene = {f"{a}axis": {"title": {"text": axes.title(o, 22)},
+    scene = {f"{a}axis": {"title": {"text": axes.wrap(axes.compact(o), 24)},
                           "range": axes.padded_range(v(r, o.name) for r in pts)}
              for a, o in (("x", x), ("y", y), ("z", z))}
     fig.update_layout(coloraxis=_coloraxis(g.candidates(), y),
                       scene={**scene, "aspectmode": "cube",
-                             "camera": {"eye": {"x": 1.7, "y": -1.7, "z": 1.0}}})
+                             "camera": {"eye": {"x": 1.9, "y": -1.9, "z": 1.1}}})
     fig = _style(fig, title, height=500)
     fig.update_layout(margin={"l": 10, "r": 10, "t": 64 if title else 30, "b": 10})
     return fig
@@ -248,10 +248,16 @@ def hypervolume_history(snapshots: Sequence[dict[str, Any]],
             marker={"symbol": "x", "size": 9, "color": "#dc2626"},
             hovertext=[f"reference {s['reference_point']}" for s in moved],
             hoverinfo="text"))
-    fig.update_xaxes(title_text="time (UTC)")
+    # Both axes padded: with the first snapshot in the corner its date ran into the "0" of
+    # the hypervolume axis.
+    times = [s["created_at"] for s in rows]
+    pad = (max(times) - min(times)) * 0.04 if len(times) > 1 else None
+    top = max(s["hypervolume"] for s in rows) or 1.0
+    fig.update_xaxes(title_text="time (UTC)",
+                     range=[min(times) - pad, max(times) + pad] if pad else None)
     fig.update_yaxes(title_text=axes.wrap("hypervolume of the optimized objectives "
                                           "(computed, vs the reference point)", 40),
-                     rangemode="tozero")
+                     range=[-0.08 * top, 1.08 * top])
     return _style(fig, title, height=360)
 
 

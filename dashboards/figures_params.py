@@ -69,16 +69,22 @@ def parallel_coordinates(trials: Sequence[dict[str, Any]], color: str | Objectiv
             if k not in keys:
                 keys.append(k)
     dims = [_dimension(k, [(t.get("params") or {}).get(k) for t in rows]) for k in keys]
-    dims += [{"label": axes.title(o, 22), "values": [_v(t, o.name) for t in rows]}
+    # Labels stand upright (one line each, so neighbours never touch): the objective's
+    # name with unit and kind, shorter than its registry label.
+    dims += [{"label": axes.compact(o), "values": [_v(t, o.name) for t in rows]}
              for o in objs if all(_v(t, o.name) is not None for t in rows)]
     scale = COLORSCALE if c.direction != "minimize" else COLORSCALE + "_r"
     fig = go.Figure(go.Parcoords(
         line={"color": [_v(t, c.name) for t in rows], "colorscale": scale, "showscale": True,
-              "colorbar": {"title": {"text": axes.title(c, 16)}, "thickness": 14}},
-        dimensions=dims, labelangle=-20, labelside="top",
+              "colorbar": {"title": {"text": axes.title(c, 16)}, "thickness": 14,
+                           "x": 1.0, "xanchor": "left", "xpad": 40}},
+        dimensions=dims, labelangle=-90, labelside="top", labelfont={"size": 11},
         customdata=[int(t["number"]) for t in rows]))
-    fig = _style(fig, title, height=420)
-    fig.update_layout(margin={"l": 50, "r": 40, "t": 130, "b": 30})
+    fig = _style(fig, title, height=560)
+    # Room above for the upright labels and on the right for the last axis's ticks and the
+    # colour bar.
+    top = 40 + 6 * max(len(d["label"]) for d in dims)
+    fig.update_layout(margin={"l": 50, "r": 150, "t": top, "b": 30})
     return fig
 
 

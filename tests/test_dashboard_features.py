@@ -125,7 +125,7 @@ def test_front_redrawn_on_each_training_cost(feature: dict[str, Any], cost: str)
     assert fig["layout"]["coloraxis"]["colorbar"]["title"]["text"].replace("<br>", " ") == \
         info.axis_title
     assert fig3["layout"]["scene"]["yaxis"]["title"]["text"].replace("<br>", " ") == \
-        info.axis_title
+        f"{cost} ({info.unit}, {info.kind})"
     words = text_of(caption)
     assert info.axis_title in words
     assert ("recomputed" in words) == (cost != "backward_flops")
