@@ -2,14 +2,38 @@
 
 1. N identical tiny trials (digits/tiny-cnn, 1 epoch, warm start cached beforehand) run
    (a) directly in a Python loop through ``qsearch.train.train`` and (b) as a qsearch study
-   (Ray Tune + Optuna + store, one trial at a time, scheduler off). Prints the per-trial
-   overhead in seconds and the ratio of wall times. Ray start-up is timed separately: a
-   study pays it once.
+   (Ray Tune + Optuna + store, one trial at a time, scheduler off). Every study trial has a
+   distinct config (a repeated config reuses the earlier result instead of training, which
+   made earlier steady-state figures look ~10x too good). The study's wall time includes
+   Ray's start-up (``launch`` starts Ray itself) and the first trial's worker start-up.
+   Prints the per-trial overhead all in, the steady state (median gap between trial ends)
+   and the time from ``launch`` to the first trial's start.
+
+   Measured 2026-12-03, 2 shared CPU cores (load 1-2.5 from other users; figures vary by
+   +-30 % run to run), ``python benchmarks/bench_orchestration.py --trials 8 --skip-pareto``:
+
+   ==============================  ==============  ================================
+   (issue #19 goals)               before          after (lazy imports, Ray start
+                                   (b1e53ca)       overlapping the Optuna storage)
+   ==============================  ==============  ================================
+   all in (goal <= 0.5 s/trial)    2.44-3.07       2.15-2.55 s/trial overhead
+   steady (goal <= 0.05 s/trial)   0.18            0.18-0.19 s/trial overhead
+   launch -> first trial started   9.2-16.3 s      8.1-11.4 s
+   first trial incl. worker start  18.6-26.2 s     16.1-19.6 s
+   ==============================  ==============  ================================
+
+   Neither goal is met. Where the first ~16 s go: Ray start-up 2.4-4.7 s; Tune's setup and
+   the trial actor's start ~2.4 s; torch + Ray Tune imports in the worker ~2-3 s; the first
+   train() ~4.5-5 s, nearly all of it torch.compile of the fused LSQ kernels (importing
+   dynamo/inductor ~2.5 s, tracing 2 graphs ~1 s; the direct loop pays this in its untimed
+   warm-up call). With Ray 2.60 here, a trial actor never got a worker that had run a task,
+   and a ``worker_process_setup_hook`` stopped Ray prestarting workers, so the imports
+   could not be done ahead of the trial through public APIs.
 2. A store holding 10,000 synthetic COMPLETE trials: time the query of their objective
    values plus the front/hypervolume/knee computation (goal: < 0.5 s), and the full
    snapshot write the driver does after each trial.
 
-    python benchmarks/bench_orchestration.py [--trials 8] [--synthetic 10000]
+    python benchmarks/bench_orchestration.py [--trials 8] [--synthetic 10000] [--skip-pareto]
 """
 
 from __future__ import annotations
@@ -23,9 +47,9 @@ from pathlib import Path
 
 def bench_overhead(n: int, workdir: Path) -> None:
     from qsearch.search import launch
-    from qsearch.search.driver import init_ray
     from qsearch.config import parse_trial_config
     from qsearch.config import parse_study_spec
+    from qsearch.store import Store, queries, utcnow
     from qsearch.train import train
 
     import torch
@@ -39,33 +63,34 @@ def bench_overhead(n: int, workdir: Path) -> None:
         train(cfg)
     direct = time.perf_counter() - t
 
-    t = time.perf_counter()
-    init_ray(None, num_cpus=2)
-    ray_start = time.perf_counter() - t
     spec = parse_study_spec({
         "name": "bench", "storage": f"sqlite:///{workdir / 'bench.db'}", "base": base,
         "budget": {"num_trials": n, "max_concurrent": 1}, "resources": {"cpu": 1},
         "sampler": {"type": "random", "seed": 0}, "scheduler": {"type": "none"},
-        # Both choices give the same cost: the trial is fixed-cost, only the label differs.
-        "search_space": {"w_bits": 4, "lr": {"type": "categorical", "choices": [0.01, 0.0100001]}},
+        # Every trial a distinct config (a repeated one would reuse the earlier result, not
+        # train), all of the same cost as the direct loop's: lr differs in the 7th digit.
+        "search_space": {"w_bits": 4, "lr": {"type": "float", "low": 0.01, "high": 0.0100001}},
         "artifacts": {"dir": str(workdir / "art")},
     })
     t = time.perf_counter()
-    res = launch(spec, display=False)
+    wall0 = utcnow()
+    res = launch(spec, display=False)  # starts Ray itself: its start-up is part of the figure
     study = time.perf_counter() - t
     assert res.complete == n, res
     per = (study - direct) / n
     # Steady state: time between consecutive trial ends once the worker is up (the first
     # trial also pays for starting the Ray worker process and importing torch there).
-    from qsearch.store import Store, queries
-
     store = Store(spec.storage, create=False)
-    ends = sorted(r["finished_at"] for r in queries.trials(store, "bench"))
+    rows = queries.trials(store, "bench")
     store.dispose()
+    assert all(r.reused_from is None for r in rows), "a trial was not trained"
+    ends = sorted(r.finished_at for r in rows)
+    first_start = min(r.started_at for r in rows)
     gaps = sorted((b - a).total_seconds() for a, b in zip(ends, ends[1:], strict=False))
     steady = gaps[len(gaps) // 2] if gaps else float("nan")
     print(f"trials: {n}   direct loop: {direct:.2f} s ({direct / n:.2f} s/trial)")
-    print(f"qsearch study: {study:.2f} s ({study / n:.2f} s/trial), Ray start-up {ray_start:.2f} s (once)")
+    print(f"qsearch study incl. Ray start-up: {study:.2f} s ({study / n:.2f} s/trial); "
+          f"launch -> first trial started: {(first_start - wall0).total_seconds():.2f} s")
     print(f"per-trial overhead, all in: {per:.2f} s   ratio qsearch/direct: {study / direct:.2f}x")
     print(f"steady state (median gap between trial ends): {steady:.2f} s/trial -> overhead "
           f"{steady - direct / n:.2f} s/trial, ratio {steady / (direct / n):.2f}x; "

@@ -33,14 +33,36 @@ def _tensor_bundle(x: torch.Tensor, y: torch.Tensor, test_idx: torch.Tensor,
     )
 
 
-@register_dataset("digits", description="scikit-learn's bundled 8x8 digits (1797 images, offline)",
-                  validation=f"{CARVED}; test: data.test_fraction of the images (fixed seed)")
-def digits(opts: Any) -> DatasetBundle:
+def _digits_arrays() -> tuple[Any, Any]:
+    """scikit-learn's digits as ``(images (1797, 8, 8) float64, target (1797,) int)``, the
+    arrays ``sklearn.datasets.load_digits()`` returns. Read from the file scikit-learn ships
+    (``sklearn/datasets/data/digits.csv.gz``) the way it reads it, without importing
+    scikit-learn: that import (scipy, pandas) costs a fresh Ray worker ~1.5 s before its first
+    trial. Falls back to ``load_digits`` where the file is not found."""
+    import gzip
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package, does not import it
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, mode="rt", encoding="utf-8") as f:
+                data = np.loadtxt(f, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
+    return d.images, d.target
+
+
+@register_dataset("digits", description="scikit-learn's bundled 8x8 digits (1797 images, offline)",
+                  validation=f"{CARVED}; test: data.test_fraction of the images (fixed seed)")
+def digits(opts: Any) -> DatasetBundle:
+    images, target = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
     g = torch.Generator().manual_seed(DIGITS_SPLIT_SEED)
     perm = torch.randperm(len(y), generator=g)
     n_test = int(round(len(y) * opts.test_fraction))

@@ -1,8 +1,11 @@
-"""torchvision ImageNet models (random init; no weights are downloaded)."""
+"""torchvision ImageNet models (random init; no weights are downloaded).
+
+torchvision is imported when one of them is built, not with :mod:`qsearch.models`: the import
+(which pulls in torch._dynamo) would otherwise cost every trial process ~1 s, whatever model it
+trains."""
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from qsearch.models.mobilenetv2_cifar import mbv2_groups
@@ -48,6 +51,8 @@ def split_tv_mobilenet_v2(model: nn.Module, granularity: str) -> ModelSplit:
 @register_model("resnet18", description="torchvision ResNet-18 (ImageNet)", input_hint="3x224x224",
                 split=split_tv_resnet)
 def resnet18(num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
     m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     _first_conv(m, "conv1", in_channels)
     return m
@@ -56,6 +61,8 @@ def resnet18(num_classes: int, in_channels: int) -> nn.Module:
 @register_model("mobilenet_v2", description="torchvision MobileNetV2 (ImageNet)",
                 input_hint="3x224x224", split=split_tv_mobilenet_v2)
 def mobilenet_v2(num_classes: int, in_channels: int) -> nn.Module:
+    import torchvision
+
     m = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
     _first_conv(m, "features.0.0", in_channels)
     return m

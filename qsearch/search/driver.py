@@ -8,6 +8,8 @@ Order of work, and why:
 3. The ordinary Optuna study on the same URL is created/loaded (metric names = objectives).
    Trials a crashed driver left RUNNING are marked FAIL "driver lost" before anything new
    starts; they do not use up budget. Finished trials do: only the remainder is run.
+   When the store says trials are left, Ray starts while Optuna's storage is opened
+   (:func:`storage_while_ray_starts`); a finished study never starts Ray.
 4. Ray (local unless an address is given) runs the trials through a Tune Tuner with our
    searcher over Optuna's ask/tell, resources per trial, concurrency limit and scheduler; the Tune
    callback writes every event to the store and a Pareto snapshot per completed trial.
@@ -140,6 +142,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise StorageError(f"cannot start/connect Ray (address {address or 'local'}): "
                            f"{str(e).splitlines()[0]}") from e
+
+
+def _trials_left_in_store(store: Store, study_id: int, budget: int) -> bool:
+    """Whether the qsearch store says the study has trials left to run (its own record of
+    counted finished trials; Optuna, read later, decides). Only a hint for starting Ray
+    early: a study that is finished does not start Ray at all."""
+    from qsearch.store import queries
+
+    done = sum(t.counted and t.state in ("COMPLETE", "PRUNED", "FAIL")
+               for t in queries.study_trials(store, study_id))
+    return done < budget
+
+
+def storage_while_ray_starts(store: Store, spec: StudySpec, study_id: int,
+                             ray_address: str | None, num_cpus: int | None
+                             ) -> tuple[optuna.storages.BaseStorage, StorageError | None]:
+    """``optuna_storage(store)`` (opening Optuna's tables takes about a second), with Ray's
+    start-up overlapping it when the store says trials are left and Ray is not up yet:
+    ``init_ray`` runs on this thread (Ray's signal handlers and child processes belong to the
+    main thread), the storage is opened on another. Returns the storage and the error Ray's
+    start raised, if any: it matters only if trials are left to run."""
+    import ray
+
+    if ray.is_initialized() or not _trials_left_in_store(store, study_id,
+                                                         spec.budget.num_trials):
+        return optuna_storage(store), None
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="qsearch-optuna-storage") as pool:
+        opening = pool.submit(optuna_storage, store)
+        ray_error = None
+        try:
+            init_ray(ray_address, num_cpus)
+        except StorageError as e:
+            ray_error = e
+        return opening.result(), ray_error
 
 
 def counted_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -316,7 +354,8 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     searcher = None
     interrupt = Interrupt()
     try:
-        storage = optuna_storage(store)
+        storage, ray_error = storage_while_ray_starts(store, spec, rec.id, ray_address,
+                                                      num_cpus)
         study = optuna.create_study(study_name=spec.name, storage=storage,
                                     directions=list(spec.directions), load_if_exists=True)
         if [d.name.lower() for d in study.directions] != list(spec.directions):
@@ -333,7 +372,9 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
             status = "finished"
             return _result(spec.name, study, status, t0)
 
-        init_ray(ray_address, num_cpus)
+        if ray_error is not None:
+            raise ray_error
+        init_ray(ray_address, num_cpus)  # a no-op when Ray started above
         check_cluster(spec)  # what a trial asks for against the nodes (waits if autoscaling)
         # Layer patterns (layers.*.w_bits) become one dimension per layer of the model.
         run_spec = with_absolute_cache(expand_search_space(spec))
