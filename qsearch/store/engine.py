@@ -145,6 +145,12 @@ def is_transient(exc: BaseException) -> bool:
 _retrying = threading.local()
 
 
+def in_retried_call() -> bool:
+    """Whether this thread is inside a :func:`with_retries` unit (whose outermost call, not
+    this one, decides about retries and turns the last error into a report)."""
+    return bool(getattr(_retrying, "active", False))
+
+
 def with_retries(what: str, fn: Callable[[], Any], attempts: int | None = None) -> Any:
     """Call ``fn`` (one whole unit of work), retrying transient errors with jittered
     exponential back-off; the last error propagates. ``attempts`` defaults to
@@ -153,7 +159,7 @@ def with_retries(what: str, fn: Callable[[], Any], attempts: int | None = None) 
     Only the outermost call in a thread retries: a retried unit made of retried parts
     (a query that reads the study, then its trials) repeats as a whole, and the attempts do
     not multiply."""
-    if getattr(_retrying, "active", False):
+    if in_retried_call():
         return fn()
     n = defaults.db_retries() if attempts is None else attempts
     base = defaults.db_retry_base_s()

@@ -19,15 +19,27 @@ from optuna.storages import BaseStorage, RDBStorage
 from sqlalchemy.exc import SQLAlchemyError
 
 from qsearch.errors import StorageError
-from qsearch.store.engine import engine_kwargs, with_retries
+from qsearch.store.engine import engine_kwargs, first_line, in_retried_call, with_retries
 from qsearch.store.store import Store
 
 
 def _retrying(name: str) -> Callable[..., Any]:
-    # A storage call made inside a retried one runs once; the outer call repeats it.
+    # A storage call made inside a retried one runs once; the outer call repeats it and, when
+    # the database is still down after every retry, reports it as a StorageError naming the
+    # database (what the CLI prints as one line), not as Optuna's StorageInternalError.
     def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
         method = getattr(self.inner, name)
-        return with_retries(f"optuna storage {name}", lambda: method(*args, **kwargs))
+        outermost = not in_retried_call()
+        try:
+            return with_retries(f"optuna storage {name}", lambda: method(*args, **kwargs))
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:
+            if not outermost:
+                raise  # the enclosing retried unit classifies the original error
+            cause = e.__cause__ if isinstance(e.__cause__, SQLAlchemyError) else e
+            raise StorageError(
+                f"the study database {self.where} is unreachable or refused the operation "
+                f"(Optuna storage {name}: {first_line(cause)}); once it is back, launch the "
+                "same spec again to resume") from e
 
     call.__name__ = name
     call.__doc__ = getattr(BaseStorage, name).__doc__
@@ -41,8 +53,9 @@ def _storage_api() -> dict[str, Any]:
 
 
 class _RetryingBase(BaseStorage):
-    def __init__(self, inner: RDBStorage):
+    def __init__(self, inner: RDBStorage, where: str = ""):
         self.inner = inner
+        self.where = where  # the masked URL, for error messages
 
 
 #: An Optuna storage that wraps an ``RDBStorage`` (composition, not a subclass): every call of
@@ -60,7 +73,8 @@ def optuna_storage(store: Store) -> BaseStorage:
 
     def open_storage() -> BaseStorage:
         with store.schema_lock():
-            return RetryingStorage(RDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs)))
+            return RetryingStorage(RDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs)),
+                                   store.masked_url)
 
     try:
         return with_retries("open Optuna storage", open_storage, store.retries)
