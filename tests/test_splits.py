@@ -237,3 +237,26 @@ def test_test_accuracy_is_reported_not_optimized():
         parse_study_spec(_spec(objectives=["test_accuracy", "size_mb"]))
     assert e.value.field == "objectives"
     assert "reported, not optimized" in str(e.value) and "bias" in str(e.value)
+
+
+def test_digits_copy_in_the_cache_is_what_scikit_learn_loads(tmp_path, monkeypatch):
+    """The digits copy under the cache folder (read by fresh workers instead of importing
+    scikit-learn) holds exactly ``load_digits()``'s arrays; a torn copy is ignored and
+    rewritten. Fails if the copy changes values or dtypes, or a torn file is trusted."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from qsearch.data.builtin import DIGITS_CACHE, _digits_arrays
+
+    monkeypatch.setenv("QSEARCH_CACHE", str(tmp_path))
+    ref = load_digits()
+    for _ in ("written", "read back"):
+        images, target = _digits_arrays()
+        assert images.dtype == ref.images.dtype and target.dtype == ref.target.dtype
+        assert np.array_equal(images, ref.images) and np.array_equal(target, ref.target)
+    copy = tmp_path / DIGITS_CACHE
+    copy.write_bytes(copy.read_bytes()[:100])  # torn
+    images, _ = _digits_arrays()
+    assert np.array_equal(images, ref.images)
+    with np.load(copy) as z:  # rewritten whole
+        assert np.array_equal(z["images"], ref.images)

@@ -33,27 +33,43 @@ def _tensor_bundle(x: torch.Tensor, y: torch.Tensor, test_idx: torch.Tensor,
     )
 
 
+DIGITS_CACHE = "datasets/digits-v1.npz"  # under the cache folder (QSEARCH_CACHE)
+
+
 def _digits_arrays() -> tuple[Any, Any]:
-    """scikit-learn's digits as ``(images (1797, 8, 8) float64, target (1797,) int)``, the
-    arrays ``sklearn.datasets.load_digits()`` returns. Read from the file scikit-learn ships
-    (``sklearn/datasets/data/digits.csv.gz``) the way it reads it, without importing
-    scikit-learn: that import (scipy, pandas) costs a fresh Ray worker ~1.5 s before its first
-    trial. Falls back to ``load_digits`` where the file is not found."""
-    import gzip
-    import importlib.util
+    """scikit-learn's digits as ``(images (1797, 8, 8) float64, target (1797,) int)``, as
+    ``sklearn.datasets.load_digits()`` returns them, kept as a copy in the cache folder.
+
+    Why the copy: importing scikit-learn (scipy, pandas) costs every fresh Ray worker ~1.5 s
+    before its first trial; the first process to need digits loads them through
+    ``load_digits`` and writes the copy (atomically), every later one reads the copy. A copy
+    that cannot be read is ignored and rewritten."""
+    import os
+    import tempfile
 
     import numpy as np
 
-    spec = importlib.util.find_spec("sklearn")  # locates the package, does not import it
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            with gzip.open(path, mode="rt", encoding="utf-8") as f:
-                data = np.loadtxt(f, delimiter=",")
-            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+    from qsearch.config.defaults import cache_root
+
+    path = cache_root() / DIGITS_CACHE
+    try:
+        with np.load(path) as z:
+            images, target = z["images"], z["target"]
+        if images.shape == (1797, 8, 8) and target.shape == (1797,):
+            return images, target
+    except Exception:  # noqa: BLE001 - missing, torn or foreign file: load and rewrite
+        pass
     from sklearn.datasets import load_digits
 
     d = load_digits()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, images=d.images, target=d.target)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the import next time
     return d.images, d.target
 
 
