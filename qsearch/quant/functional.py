@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from qsearch.quant import flops
 
@@ -68,6 +69,7 @@ class _CustomConv2d(torch.autograd.Function):
     def backward(ctx, gy):  # type: ignore[override]
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups, opts, has_bias = ctx.conf
+        stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         gx = gw = gb = None
         need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
         _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, opts.dw_channels,
@@ -88,7 +90,12 @@ class _CustomConv2d(torch.autograd.Function):
             )
             return gx, gw, gb, None, None, None, None, None
         if ctx.needs_input_grad[0]:
-            gx = torch.nn.grad.conv2d_input(x.shape, w, g_dx, stride, padding, dilation, groups)
+            # aten directly on the saved tensors (torch.nn.grad.conv2d_input passes an expanded
+            # dummy input; same kernel, same result).
+            gx = torch.ops.aten.convolution_backward(
+                g_dx, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False],
+            )[0]
         if ctx.needs_input_grad[1]:
             gw = _conv_weight_grad(x, w, g, stride, padding, dilation, groups, opts.dw_channels)
         if has_bias and ctx.needs_input_grad[2]:
@@ -101,6 +108,34 @@ class _CustomConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
+#: Gathered dW rows up to which the swapped form (:func:`_swapped_weight_grad`) is used: on
+#: oneDNN (CPU) the direct weight-gradient kernel works in blocks of 16 output channels, so a
+#: few rows cost as much as 16, while a conv with few *input* channels is cheap (measured with
+#: benchmarks/bench_lts.py; METHODS.md §2).
+SWAP_MAX_ROWS = 8
+
+
+def _swappable(w, stride, padding, dilation) -> bool:
+    if isinstance(padding, str):
+        return False
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    return (all(s == 1 for s in stride) and all(d == 1 for d in dilation)
+            and all(0 <= p <= k - 1 for p, k in zip(padding, w.shape[2:])))
+
+
+def _swapped_weight_grad(x, g, padding, k_size):
+    """dW of a stride-1, dilation-1 conv computed as the weight gradient of the swapped conv
+    (input ``g``, output gradient ``x``, padding ``k - 1 - p``), flipped and transposed back:
+    ``dW[c, i, a, b] = sum_{n,p} g[n, c, p] x[n, i, p + (a, b) - pad]``. Same MACs, the
+    few gathered rows become the input channels (cheap for oneDNN, unlike few output rows)."""
+    pad = [k - 1 - p for k, p in zip(k_size, _pair(padding))]
+    wt = g.new_empty(1).expand(x.shape[1], g.shape[1], *k_size)
+    gt = torch.ops.aten.convolution_backward(
+        x, g, wt, None, [1, 1], pad, [1, 1], False, [0, 0], 1, [False, True, False],
+    )[1]
+    return gt.flip(2, 3).transpose(0, 1)
+
+
 def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
     if channels is None:
         return torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
@@ -108,10 +143,13 @@ def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
     if channels.numel() == 0:
         return gw
     if groups == 1:
-        sub = torch.nn.grad.conv2d_weight(
-            x, (channels.numel(), *w.shape[1:]), g.index_select(1, channels), stride, padding,
-            dilation, 1,
-        )
+        gs = g.index_select(1, channels)
+        if channels.numel() <= SWAP_MAX_ROWS and _swappable(w, stride, padding, dilation):
+            sub = _swapped_weight_grad(x, gs, padding, w.shape[2:])
+        else:
+            sub = torch.nn.grad.conv2d_weight(
+                x, (channels.numel(), *w.shape[1:]), gs, stride, padding, dilation, 1,
+            )
     elif groups == w.shape[0] and w.shape[1] == 1:  # depthwise: channel c sees input c only
         sub = torch.nn.grad.conv2d_weight(
             x.index_select(1, channels), (channels.numel(), 1, *w.shape[2:]),
