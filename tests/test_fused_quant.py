@@ -268,3 +268,21 @@ def test_compile_failure_falls_back_with_one_warning():
         assert torch.equal(fused.run_or_eager(k, x), x + 1)
     assert k.broken and not k.usable(x)
     assert len([m for m in w if "fused kernel test" in str(m.message)]) == 1
+
+
+@needs_compile
+def test_a_flop_counter_does_not_switch_the_fused_kernels_off():
+    """Under FlopCounterMode (a dispatch mode dynamo does not trace) the LSQ runs eagerly for
+    that call only; afterwards the fused kernel is used again, so a process's numerics do not
+    depend on whether some earlier step was counted. Fails if the failure is remembered."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    v = torch.randn(fused.LSQ_MIN_NUMEL, requires_grad=True)
+    s = torch.tensor(0.1, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "fused kernel unavailable" warning either
+        with FlopCounterMode(display=False):
+            lsq_quantize(v, s, 8, 7, 1.0).sum().backward()
+        assert fused.lsq_forward.usable(v)
+        lsq_quantize(v, s, 8, 7, 1.0).sum().backward()
+    assert fused.lsq_forward._compiled  # the fused path ran after the mode was gone

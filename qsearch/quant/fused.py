@@ -111,6 +111,11 @@ class FusedKernel:
             with fx_config.patch(use_duck_shape=False):
                 return fn(*args)
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
+            if "dispatch mode" in str(e):
+                # Called under a TorchDispatchMode (e.g. FlopCounterMode), which dynamo does
+                # not trace: eager for this call only, so the process keeps its fused kernels
+                # (and the same numerics) once the mode is gone.
+                raise CompileFailed from e
             self.broken = True
             warnings.warn(f"qsearch: fused kernel {self.name} unavailable, using the eager "
                           f"implementation ({type(e).__name__}: {e})", RuntimeWarning,
