@@ -125,6 +125,27 @@ def test_dw_channels_matches_full_gradient_and_skips_flops(groups):
         assert fc.get_total_flops() == fwd + fwd * keep.numel() // 8
 
 
+@pytest.mark.parametrize("kernel,padding,rows", [((3, 3), 0, 2), ((3, 3), 2, 8), ((1, 1), 0, 3),
+                                                 ((3, 1), (1, 0), 5), ((3, 3), 1, 12)])
+def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows):
+    """Up to ``SWAP_MAX_ROWS`` gathered rows take the swapped-conv form of dW, more rows the
+    direct one; both must give the dense gradient's rows for every padding (including none and
+    more than half the kernel) and non-square kernels. Fails on a wrong flip, transpose or
+    swapped padding."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 6)
+    w = torch.randn(16, 5, *kernel, requires_grad=True)
+    y = torch.nn.functional.conv2d(x, w, None, 1, padding)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    full = w.grad.clone()
+    keep = torch.randperm(16)[:rows].sort().values
+    w.grad = None
+    functional.conv2d(x, w, None, 1, padding, 1, 1,
+                      BackwardOptions(dw_channels=keep)).backward(gy)
+    torch.testing.assert_close(w.grad[keep], full[keep], rtol=1e-5, atol=1e-5)
+
+
 def test_dw_channels_linear():
     torch.manual_seed(0)
     x, gy = torch.randn(5, 6), torch.randn(5, 4)

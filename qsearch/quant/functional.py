@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
 from qsearch.quant import flops
 
@@ -106,6 +105,11 @@ class _CustomConv2d(torch.autograd.Function):
                 [False, False, True],
             )[2]
         return gx, gw, gb, None, None, None, None, None
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    """A conv's int-or-pair argument (stride, padding, dilation) as a pair."""
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
 #: Gathered dW rows up to which the swapped form (:func:`_swapped_weight_grad`) is used: on
