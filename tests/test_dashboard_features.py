@@ -248,3 +248,20 @@ def test_cli_pareto_redraws_on_other_objectives(feature: dict[str, Any],
         assert main([*args, "--objectives", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--objectives" in err[0], err
+
+
+def test_cli_pareto_table_prints_every_value_whole(feature: dict[str, Any],
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """Captured (not a terminal), the table takes the width it needs: no value or header is
+    cut to an ellipsis, the ``accuracy`` alias of ``val_accuracy`` is not a second column,
+    and every column is in the legend with its unit and kind. Fails on rich's 80-column
+    default (every number ended in '…')."""
+    assert main(["pareto", FEATURE_STUDY, "--storage", feature["url"]]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    header = next(ln for ln in out.splitlines() if "trial" in ln)
+    cols = [c.strip().rstrip("↑↓") for c in header.strip("┃").split("┃")]
+    assert "accuracy" not in cols and "val_accuracy" in cols
+    legend = " ".join(out.split())
+    for name in cols[1:-1]:  # between "trial" and "knee"
+        assert objective_info(name).axis_title in legend, name

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich import box
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from qsearch.cli import app, console
@@ -205,6 +207,8 @@ def pareto(
     infos = [objective_info(o, d) for o, d in zip(objs, rec.directions)] \
         if objectives is None else [objective_info(o) for o in objs]
     reported = queries.order_names(k for p in points for k in p.reported)
+    if "val_accuracy" in objs or "val_accuracy" in reported:
+        reported = [k for k in reported if k != "accuracy"]  # newer trials: its alias
     if fmt == "json":
         print(json.dumps({
             "study": study, "snapshot": snap and snap.snapshot,
@@ -228,21 +232,47 @@ def pareto(
                         "params": json.dumps(p.params, sort_keys=True, default=str)})
         print(buf.getvalue(), end="")
     else:
-        more = [objective_info(k) for k in reported]
-        t = Table(title=f"Pareto front of {study}" + (
+        title = f"Pareto front of {study}" + (
             f" (snapshot {snap.snapshot}, hypervolume {format_value(snap.hypervolume)})"
             if snap else f" re-drawn on {', '.join(objs)} from stored values (not stored)"
-            if objectives is not None else ""))
-        t.add_column("trial", justify="right")
-        for i in infos + more:  # names as headers; the legend below gives labels and units
-            t.add_column(f"{i.name}{i.arrow}", justify="right", no_wrap=True)
-        t.add_column("knee")
-        for p in points:
-            t.add_row(str(p.trial_number), *(format_value(p.value(o)) for o in objs),
-                      *(format_value(p.reported.get(k)) for k in reported),
-                      "knee" if p.is_knee else "")
-        console.print(t)
+            if objectives is not None else "")
+        more = [objective_info(k) for k in reported]
+        t = _front_table(title, points, infos, more)
+        out = console
+        if _table_width(t) > console.width:
+            if console.is_terminal:
+                # Squeezed, every number would end in an ellipsis: keep the optimized
+                # objectives whole and say where the other columns are.
+                t = _front_table(title, points, infos, [])
+                console.print(t)
+                console.print(f"{len(more)} more reported values per point "
+                              f"({', '.join(i.name for i in more)}): widen the terminal or "
+                              "use --format json|csv", highlight=False, soft_wrap=True)
+                more = []
+                t = None
+            else:  # a pipe or file: no terminal to fit, print every column whole
+                out = Console(width=_table_width(t), highlight=False)
+        if t is not None:
+            out.print(t)
         console.print(_legend(infos + more), highlight=False, soft_wrap=True)
+
+
+def _front_table(title: str, points: list[Any], infos: list[Any], more: list[Any]) -> Table:
+    t = Table(title=title)
+    t.add_column("trial", justify="right", no_wrap=True)
+    for i in infos + more:  # names as headers; the legend below gives labels and units
+        t.add_column(f"{i.name}{i.arrow}", justify="right", no_wrap=True)
+    t.add_column("knee", no_wrap=True)
+    for p in points:
+        t.add_row(str(p.trial_number), *(format_value(p.value(i.name)) for i in infos),
+                  *(format_value(p.reported.get(i.name)) for i in more),
+                  "knee" if p.is_knee else "")
+    return t
+
+
+def _table_width(t: Table) -> int:
+    """The width ``t`` needs to show every cell whole."""
+    return Measurement.get(console, console.options.update(width=10_000), t).maximum
 
 
 def _redrawn_front(db: Any, rec: Any, names_csv: str) -> list[Any]:

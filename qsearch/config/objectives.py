@@ -136,13 +136,20 @@ TEST_ACCURACY = register_objective(Objective(
 #: Stores written before validation splits existed optimized ``accuracy``, measured on the
 #: test split; it stays registered so they still load and print.
 ACCURACY = register_objective(Objective(
-    "accuracy", "maximize", "accuracy (test split, stores before validation splits)",
+    "accuracy", "maximize",
+    "accuracy (old name: the test split in stores before validation splits, val_accuracy since)",
     unit="top-1", kind="measured",
-    description="top-1 accuracy of the final model on the test split, as optimized by studies "
-                "written before validation splits; new studies use val_accuracy"))
+    description="studies written before validation splits optimized it on the test split; "
+                "newer trials report it as an alias of val_accuracy; new studies use "
+                "val_accuracy"))
 SIZE_MB = register_objective(Objective(
     "size_mb", "minimize", "size", unit="MB", kind="computed", known_before_training=True,
     description="weights at their bit widths plus FP32 extras (BN, biases, step sizes)"))
+BOPS = register_objective(Objective(
+    "bops", "minimize", "inference bit-operations", unit="BOPs / sample", kind="modelled",
+    known_before_training=True,
+    description="a model of low-precision inference cost: forward MACs of each quantized "
+                "layer times its weight and activation bits, per sample"))
 # Training cost, three ways (METHODS.md §7). All are ratios to dense FP32 training of the same
 # model (1.0 = FP32), over the whole trial (every stage and extra forward included).
 BACKWARD_FLOPS = register_objective(Objective(
