@@ -19,7 +19,9 @@ elementwise backward (straight-through masks, step-size gradients), BN and dX ar
 Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --reps 5``,
 shared 2-core AMD EPYC, loaded by other jobs, so noisy): dW saved 0.25-0.45 at 50% frozen and
 0.70-0.78 at 90% (before the swapped small-row dW: 0.09 / 0.38); time/FLOPs between -0.13 and
-1.18 at 50% and 0.37 and 1.37 at 90% over runs (before: -0.67 / -0.25). See METHODS.md §2.
+1.18 at 50% and 0.37 and 1.37 at 90% over runs (before: -0.67 / -0.25). On the idle machine,
+three runs: time/FLOPs 0.28 / -0.04 / 0.25 at 50% and 0.50 / 0.48 / 0.62 at 90% (goal >= 0.5
+not met at 50%). See METHODS.md §2.
 """
 
 from __future__ import annotations
