@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,10 @@ from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.quant.flops import FlopMeter, FlopTotals
 from qsearch.quant.functional import _conv_weight_grad
+
+#: wall time by default; ``--clock cpu`` (process CPU time) leaves out time the process waits
+#: while other jobs hold the cores, the main noise on a shared machine.
+CLOCK = time.perf_counter
 
 
 def build(batch: int):
@@ -70,9 +75,9 @@ def set_frozen(qlayers, frac: float, seed: int = 0) -> dict[str, float]:
 def time_backward(model, x, y) -> float:
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     loss.backward()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def capture_dw_inputs(model, qlayers, x, y) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -92,7 +97,7 @@ def capture_dw_inputs(model, qlayers, x, y) -> dict[str, tuple[torch.Tensor, tor
 
 def time_dw(qlayers, captured) -> float:
     """Time of all layers' weight-gradient GEMMs, honouring ``dw_channels``."""
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for name, q in qlayers.items():
         xi, g = captured[name]
         ch = q.backward.dw_channels
@@ -102,7 +107,7 @@ def time_dw(qlayers, captured) -> float:
             g.t() @ xi
         else:
             g.index_select(1, ch).t() @ xi
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def backward_flops(model, x, y) -> tuple[int, float]:
@@ -119,8 +124,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: perf_counter; cpu: process CPU time (less noise when shared)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, qlayers, macs, x, y = build(args.batch)
@@ -130,29 +139,39 @@ def main() -> None:
     fracs = (0.0, 0.5, 0.9)
     bwd: dict[float, list[float]] = {f: [] for f in fracs}
     dw: dict[float, list[float]] = {f: [] for f in fracs}
-    for _ in range(args.reps + 1):  # round-robin; the first round warms up
-        for frac in fracs:
+    for r in range(args.reps + 1):  # round-robin, order rotated; the first round warms up
+        for frac in fracs[r % 3:] + fracs[:r % 3]:
             set_frozen(qlayers, frac)
             bwd[frac].append(time_backward(model, x, y))
             dw[frac].append(time_dw(qlayers, captured))
     print(f"resnet20 W4A4 (first/last 8-bit), batch {args.batch}, {args.threads} CPU threads, "
-          f"min of {args.reps} round-robin reps")
+          f"{args.reps} round-robin rounds, {args.clock} clock; times are medians, savings are medians of each "
+          f"round's saving against the same round's 0% (range in brackets)")
     print(f"{'frozen':>7} {'bwd ms':>8} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "
-          f"{'counted':>8} {'executed':>9} {'FlopCounter':>12} {'time/FLOPs':>11}")
+          f"{'counted':>8} {'executed':>9} {'FlopCounter':>12} {'time/FLOPs (range)':>22}")
     base_f = base_m = None
     for frac in fracs:
         rho = set_frozen(qlayers, frac)
         f, metered = backward_flops(model, x, y)
         base_f, base_m = base_f or f, base_m or metered
         counted = sum(rho[n] * m for n, m in macs.items()) / (2 * total_macs)
-        t, td = min(bwd[frac][1:]), min(dw[frac][1:])
-        t0, td0 = min(bwd[0.0][1:]), min(dw[0.0][1:])
         executed = 1 - metered / base_m
-        ratio = f"{(1 - t / t0) / executed:>11.2f}" if executed > 0 else f"{'-':>11}"
-        print(f"{frac:>7.0%} {1e3 * t:>8.1f} {1 - t / t0:>10.3f} {1e3 * td:>7.1f} "
-              f"{1 - td / td0:>9.3f} {counted:>8.3f} {executed:>9.3f} {1 - f / base_f:>12.3f} "
-              f"{ratio}")
+        saved = paired_savings(bwd[frac][1:], bwd[0.0][1:])
+        dw_saved = paired_savings(dw[frac][1:], dw[0.0][1:])
+        if executed > 0:
+            ratios = [v / executed for v in saved]
+            ratio = f"{median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})"
+        else:
+            ratio = "-"
+        print(f"{frac:>7.0%} {1e3 * median(bwd[frac][1:]):>8.1f} {median(saved):>10.3f} "
+              f"{1e3 * median(dw[frac][1:]):>7.1f} {median(dw_saved):>9.3f} {counted:>8.3f} "
+              f"{executed:>9.3f} {1 - f / base_f:>12.3f} {ratio:>22}")
 
+
+def paired_savings(times: list[float], base: list[float]) -> list[float]:
+    """Each round's saving ``1 - t / t0`` against the same round's unfrozen time: load from
+    other processes drifts over seconds, so pairing within a round cancels most of it."""
+    return [1 - t / t0 for t, t0 in zip(times, base)]
 
 if __name__ == "__main__":
     main()

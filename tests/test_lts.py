@@ -129,12 +129,12 @@ def test_dw_channels_matches_full_gradient_and_skips_flops(groups):
                                                  ((3, 1), (1, 0), 5), ((3, 3), 1, 12)])
 def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows):
     """Up to ``SWAP_MAX_ROWS`` gathered rows take the swapped-conv form of dW, more rows the
-    direct one; both must give the dense gradient's rows for every padding (including none and
+    direct one (as do rows not fewer than the input channels); both must give the dense gradient's rows for every padding (including none and
     more than half the kernel) and non-square kernels. Fails on a wrong flip, transpose or
     swapped padding."""
     torch.manual_seed(0)
-    x = torch.randn(3, 5, 7, 6)
-    w = torch.randn(16, 5, *kernel, requires_grad=True)
+    x = torch.randn(3, 10, 7, 6)  # more input channels than 8 rows: the swap applies
+    w = torch.randn(16, 10, *kernel, requires_grad=True)
     y = torch.nn.functional.conv2d(x, w, None, 1, padding)
     gy = torch.randn_like(y)
     y.backward(gy)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import optuna
 import pytest
 from _search_helpers import start_driver, stored_trials, tiny_spec, wait_for
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 from qsearch.search import launch
 from qsearch.store import LeaseError, Store, queries
+from qsearch.store.journal import journal_mode
 from qsearch.config import parse_study_spec
 
 BROKEN_CACHE = "/dev/null/qsearch-cache"  # mkdir fails: a config that raises in the worker
@@ -36,6 +39,10 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
         }))
     result = launch(spec, display=False)
     assert result.status == "finished" and result.counted == 6
+    if db_url.startswith("sqlite"):  # WAL while it ran, one plain file now (store/journal.py)
+        db = Path(make_url(db_url).database)
+        assert journal_mode(db) == "delete"
+        assert [p.name for p in db.parent.iterdir() if p.name.startswith(db.name)] == [db.name]
 
     study = optuna.load_study(study_name="e2e", storage=db_url)
     # Selection is on validation data: test accuracy is stored, never an Optuna objective.
@@ -106,6 +113,8 @@ def test_resume_after_killed_driver_and_second_driver_refused(tmp_path, ray_sess
             launch(parse_study_spec(data), display=False)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
         proc.wait(timeout=30)
+        # It ran in WAL mode: its last commits are in the log, which the next opener recovers.
+        assert (tmp_path / "q.db-wal").exists()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -26,6 +26,8 @@ ENV_VARS: dict[str, str] = {
     "QSEARCH_RESOURCE_WAIT_S": "seconds a study waits for an autoscaling cluster to offer a "
                                "node that fits one trial (default 0: fail at once)",
     "QSEARCH_NO_COMPILE": "1 turns off the torch.compile'd quantizer kernels (eager fallback)",
+    "QSEARCH_SQLITE_WAL": "SQLite write-ahead log while a study runs: auto (default: unless the "
+                          "file is on a network filesystem), 1 always, 0 never",
 }
 
 
@@ -65,6 +67,16 @@ def db_pool_size() -> int:
 
 def db_max_overflow() -> int:
     return int(_env_float("QSEARCH_DB_MAX_OVERFLOW", 5))
+
+
+def sqlite_wal() -> str:
+    """``QSEARCH_SQLITE_WAL`` as ``auto``, ``on`` or ``off`` (anything unrecognised: auto)."""
+    raw = (os.environ.get("QSEARCH_SQLITE_WAL") or "auto").strip().lower()
+    if raw in ("0", "off", "false", "no"):
+        return "off"
+    if raw in ("1", "on", "true", "yes"):
+        return "on"
+    return "auto"
 
 
 def lease_timeout_s() -> float:

@@ -115,7 +115,9 @@ def _pair(v: Any) -> tuple[int, int]:
 #: Gathered dW rows up to which the swapped form (:func:`_swapped_weight_grad`) is used: on
 #: oneDNN (CPU) the direct weight-gradient kernel works in blocks of 16 output channels, so a
 #: few rows cost as much as 16, while a conv with few *input* channels is cheap (measured with
-#: benchmarks/bench_lts.py; METHODS.md §2).
+#: benchmarks/bench_lts.py; METHODS.md §2). The swap also needs fewer rows than the layer has
+#: input channels: the swapped conv's outputs are those channels, and for a 3-channel stem
+#: 8 swapped rows were slower than the direct kernel (2.8 vs 2.0 ms, resnet20, batch 128).
 SWAP_MAX_ROWS = 8
 
 
@@ -148,7 +150,8 @@ def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
         return gw
     if groups == 1:
         gs = g.index_select(1, channels)
-        if channels.numel() <= SWAP_MAX_ROWS and _swappable(w, stride, padding, dilation):
+        if (channels.numel() <= SWAP_MAX_ROWS and channels.numel() < x.shape[1]
+                and _swappable(w, stride, padding, dilation)):
             sub = _swapped_weight_grad(x, gs, padding, w.shape[2:])
         else:
             sub = torch.nn.grad.conv2d_weight(

@@ -43,6 +43,7 @@ from qsearch.config.objectives import get_objective
 from qsearch.errors import ConfigError, StorageError
 from qsearch.search.space import build_sampler, build_scheduler, optuna_space
 from qsearch.store import Store, StudyRecord, optuna_storage
+from qsearch.store.journal import WalWhileRunning
 from qsearch.store.store import DB_RETRIES
 from qsearch.config import StudySpec
 
@@ -346,12 +347,18 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     rec, spec = _open_study(spec, store)
     token = store.acquire_lease(rec.id)
     store.retries = DB_RETRIES  # ...while a running study rides out connection drops
+    # The lease holder runs a local SQLite file in WAL mode (store/journal.py says why and when
+    # not); connections opened before the switch are dropped so every one gets its settings.
+    wal = WalWhileRunning(store.engine)
+    if wal.start():
+        store.engine.dispose()
     if rec.spec_hash != spec.spec_hash():  # budget/resources changed: keep the newest spec
         store.update_spec(rec.id, spec.to_yaml(), spec.spec_hash())
     hb = Heartbeat(store, rec.id, token, interval_s=5.0)
     hb.start()
     status = "stopped"
     searcher = None
+    storage = None
     interrupt = Interrupt()
     try:
         storage, ray_error = storage_while_ray_starts(store, spec, rec.id, ray_address,
@@ -432,11 +439,15 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
             except Exception as e:  # noqa: BLE001 - the next launch reaps them instead
                 log.warning("could not close the study's open trials: %s", e)
         hb.stop_event.set()
+        hb.join(timeout=10)
         try:
             store.release_lease(rec.id, token, "stopped" if status == "interrupted" else status)
         except StorageError as e:  # pragma: no cover - the lease goes stale on its own
             log.warning("could not release the driver lease: %s", e)
         store.dispose()
+        if storage is not None:
+            storage.dispose()
+        wal.restore()  # a finished study is one self-contained file again
 
 
 def enqueue_sensitivity_seeds(spec: StudySpec, study: optuna.Study) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from sqlalchemy.exc import (
 from qsearch.config import defaults
 from qsearch.config.urls import explain_database_error
 from qsearch.errors import ConfigError, StorageError
+from qsearch.store.journal import synchronous_normal_in_wal
 
 log = logging.getLogger(__name__)
 #: The longest single back-off between two attempts (seconds).
@@ -84,14 +85,16 @@ def engine_kwargs(backend: str) -> dict[str, Any]:
     return kwargs
 
 
-def sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    """The writer's SQLite settings: foreign keys on, wait a minute for a held lock."""
+def sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
+    """The writer's SQLite settings: foreign keys on, wait a minute for a held lock, and in
+    WAL mode (a running study, :mod:`qsearch.store.journal`) commits that skip the disk sync."""
     cur = dbapi_conn.cursor()
     try:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.execute("PRAGMA busy_timeout=60000")
     finally:
         cur.close()
+    synchronous_normal_in_wal(dbapi_conn, record)
 
 
 def existing_sqlite_file(url: URL, field: str = "storage") -> Path | None:

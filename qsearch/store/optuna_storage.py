@@ -20,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from qsearch.errors import StorageError
 from qsearch.store.engine import engine_kwargs, first_line, in_retried_call, with_retries
+from qsearch.store.journal import add_wal_hook
 from qsearch.store.store import Store
 
 
@@ -57,6 +58,10 @@ class _RetryingBase(BaseStorage):
         self.inner = inner
         self.where = where  # the masked URL, for error messages
 
+    def dispose(self) -> None:
+        """Close the pooled connections (the driver, done with the study)."""
+        self.inner.engine.dispose()
+
 
 #: An Optuna storage that wraps an ``RDBStorage`` (composition, not a subclass): every call of
 #: the public ``BaseStorage`` contract is one database session, retried as a whole
@@ -73,8 +78,10 @@ def optuna_storage(store: Store) -> BaseStorage:
 
     def open_storage() -> BaseStorage:
         with store.schema_lock():
-            return RetryingStorage(RDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs)),
-                                   store.masked_url)
+            rdb = RDBStorage(store.sqlalchemy_url, engine_kwargs=dict(kwargs))
+            if add_wal_hook(rdb.engine):
+                rdb.engine.dispose()  # reconnect with the hook's settings
+            return RetryingStorage(rdb, store.masked_url)
 
     try:
         return with_retries("open Optuna storage", open_storage, store.retries)
