@@ -9,19 +9,19 @@ one (METHODS.md §7, LTS convention: sum rho*MACs / sum 2*MACs) and with the exe
 FLOPs saved, as the trainer's FLOP meter counts them (qsearch/quant/flops.py) and as
 ``torch.utils.flop_counter.FlopCounterMode`` sees them. ``time/FLOPs`` is the measured
 backward-time saving per executed-FLOPs saving (1.0: time falls as fast as the FLOPs; the goal
-is >= 0.5). Configurations are timed round-robin
-and the minimum over --reps is kept, so load from other processes on a shared machine biases
-them alike. The frozen share of the dW GEMMs bounds the whole-backward saving: the LSQ
-elementwise backward (straight-through masks, step-size gradients), BN and dX are untouched.
+is >= 0.5). Configurations are timed round-robin, in an order rotated each round, and each
+round's saving is taken against the same round's unfrozen time (load from other processes
+drifts over seconds, so pairing cancels most of it); the table gives medians over rounds and
+the range of time/FLOPs. The frozen share of the dW GEMMs bounds the whole-backward saving:
+the LSQ elementwise backward (straight-through masks, step-size gradients), BN and dX are
+untouched.
 
-    python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 5]
+    python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 15] [--clock wall|cpu]
 
-Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --reps 5``,
-shared 2-core AMD EPYC, loaded by other jobs, so noisy): dW saved 0.25-0.45 at 50% frozen and
-0.70-0.78 at 90% (before the swapped small-row dW: 0.09 / 0.38); time/FLOPs between -0.13 and
-1.18 at 50% and 0.37 and 1.37 at 90% over runs (before: -0.67 / -0.25). On the idle machine,
-three runs: time/FLOPs 0.28 / -0.04 / 0.25 at 50% and 0.50 / 0.48 / 0.62 at 90% (goal >= 0.5
-not met at 50%). See METHODS.md §2.
+Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --threads 1
+--clock cpu``, shared 2-core AMD EPYC, four runs): dW alone saves 0.31-0.39 at 50% frozen and
+0.72-0.76 at 90%; time/FLOPs (median over rounds) 0.05-0.42 at 50% and 0.30-0.59 at 90%;
+goal >= 0.5 not met at 50%. See METHODS.md §2.
 """
 
 from __future__ import annotations
