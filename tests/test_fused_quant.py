@@ -131,6 +131,33 @@ def test_lsq_fused_partial_gradients(need_v, need_s):
 
 
 
+@needs_compile
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+def test_lsq_fused_keeps_a_channels_last_layout(grad_layout):
+    """A channels-last activation comes out channels-last (the next conv must not reorder
+    it), with the same values and gradients as the contiguous tensor, also when the incoming
+    gradient has the other layout. Fails when the kernel is fed ``v.reshape(-1)`` (a copy in
+    NCHW order, so the output is NCHW) or its result is mapped back in the wrong order."""
+    torch.manual_seed(2)
+    cl = torch.channels_last
+    base = torch.randn(4, 6, 5, 7) * 2
+    qn, qp = level_bounds(4, True)
+    s = torch.tensor([0.3])
+    ref = _lsq_both(base, s, qn, qp, 0.1)  # the contiguous tensor (and its gradient gy)
+    gy = ref[3]
+    v_cl = base.contiguous(memory_format=cl)
+    v = v_cl.clone().requires_grad_(True)
+    sp = s.clone().requires_grad_(True)
+    out = _LSQFusedFunction.apply(v, sp, qn, qp, 0.1)
+    assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
+    g_in = gy.contiguous(memory_format=cl) if grad_layout == "channels_last" else gy
+    out.backward(g_in)
+    assert torch.equal(out.detach(), ref[0])
+    assert v.grad.is_contiguous(memory_format=cl)
+    assert torch.equal(v.grad, ref[1])
+    assert torch.allclose(sp.grad, ref[2], rtol=1e-5, atol=1e-7)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_kernels():
     """A kernel an earlier test in the process broke (a recompile limit, a trace) stays on its

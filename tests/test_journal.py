@@ -40,8 +40,8 @@ def _running(path: Path) -> tuple[Store, WalWhileRunning, optuna.storages.BaseSt
     """What the driver does when it holds the lease: switch, then open its connections."""
     store = Store(f"sqlite:///{path}")
     wal = WalWhileRunning(store.engine)
-    if wal.start():
-        store.engine.dispose()
+    store.engine.dispose()
+    wal.start()
     return store, wal, optuna_storage(store)
 
 
@@ -143,6 +143,9 @@ def test_a_reader_still_open_keeps_wal_and_loses_nothing(study_file):
 
 
 def test_wal_off_keeps_the_rollback_journal(study_file, monkeypatch):
+    conn = sqlite3.connect(study_file)  # left in WAL, as by a driver killed mid-study
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
     monkeypatch.setenv("QSEARCH_SQLITE_WAL", "0")
     store, wal, storage = _running(study_file)
     try:

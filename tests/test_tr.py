@@ -76,7 +76,9 @@ def test_tr_measures_transitions_and_drives_per_layer_lr(tiny_config):
     with torch.no_grad():  # move n weights by exactly one level (away from the clip range)
         lv = q.w_quant.levels(q.weight).flatten()
         idx = torch.nonzero(lv == 0).flatten()[:n]
-        q.weight.view(-1)[idx] = (lv[idx] + 1) * q.w_quant.step
+        moved = q.weight.flatten().clone()  # logical order, whatever the memory layout
+        moved[idx] = (lv[idx] + 1) * q.w_quant.step
+        q.weight.copy_(moved.view(q.weight.shape))
     tr.before_forward(ctx)
     k = n / q.weight.numel()
     K = 0.9 * 0.01 + 0.1 * k

@@ -26,6 +26,8 @@ ENV_VARS: dict[str, str] = {
     "QSEARCH_RESOURCE_WAIT_S": "seconds a study waits for an autoscaling cluster to offer a "
                                "node that fits one trial (default 0: fail at once)",
     "QSEARCH_NO_COMPILE": "1 turns off the torch.compile'd quantizer kernels (eager fallback)",
+    "QSEARCH_CHANNELS_LAST": "memory layout of conv models in training: auto (default: "
+                             "channels-last on CPU, unchanged on CUDA), 1 always, 0 never",
     "QSEARCH_SQLITE_WAL": "SQLite write-ahead log while a study runs: auto (default: unless the "
                           "file is on a network filesystem), 1 always, 0 never",
 }
@@ -69,9 +71,18 @@ def db_max_overflow() -> int:
     return int(_env_float("QSEARCH_DB_MAX_OVERFLOW", 5))
 
 
+def channels_last() -> str:
+    """``QSEARCH_CHANNELS_LAST`` as ``auto``, ``on`` or ``off`` (anything unrecognised: auto)."""
+    return _tri_state("QSEARCH_CHANNELS_LAST")
+
+
 def sqlite_wal() -> str:
     """``QSEARCH_SQLITE_WAL`` as ``auto``, ``on`` or ``off`` (anything unrecognised: auto)."""
-    raw = (os.environ.get("QSEARCH_SQLITE_WAL") or "auto").strip().lower()
+    return _tri_state("QSEARCH_SQLITE_WAL")
+
+
+def _tri_state(name: str) -> str:
+    raw = (os.environ.get(name) or "auto").strip().lower()
     if raw in ("0", "off", "false", "no"):
         return "off"
     if raw in ("1", "on", "true", "yes"):

@@ -122,12 +122,11 @@ def freeze_channels(mask: torch.Tensor, dist: torch.Tensor, theta: float | None,
         return 0
     d = dist.reshape(dist.shape[0], -1)
     cd = d.mean(dim=1) if reduce == "mean" else d.amax(dim=1)
-    rows = mask.reshape(mask.shape[0], -1)
-    new = (cd <= theta) & ~rows.all(dim=1)
+    new = (cd <= theta) & ~mask.reshape(mask.shape[0], -1).all(dim=1)
     n = int(new.sum())
     if n:
-        rows[new] = True  # a view of ``mask``
-    return n * rows.shape[1]
+        mask[new] = True  # on ``mask`` itself: a reshape of a channels-last mask is a copy
+    return n * (mask.numel() // mask.shape[0])
 
 
 # ----------------------------------------------------------------------------- the method

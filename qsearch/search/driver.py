@@ -348,10 +348,10 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
     token = store.acquire_lease(rec.id)
     store.retries = DB_RETRIES  # ...while a running study rides out connection drops
     # The lease holder runs a local SQLite file in WAL mode (store/journal.py says why and when
-    # not); connections opened before the switch are dropped so every one gets its settings.
+    # not). The switch goes first with no connection open, so every one gets its settings.
     wal = WalWhileRunning(store.engine)
-    if wal.start():
-        store.engine.dispose()
+    store.engine.dispose()
+    wal.start()
     if rec.spec_hash != spec.spec_hash():  # budget/resources changed: keep the newest spec
         store.update_spec(rec.id, spec.to_yaml(), spec.spec_hash())
     hb = Heartbeat(store, rec.id, token, interval_s=5.0)

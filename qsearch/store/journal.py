@@ -119,8 +119,9 @@ def add_wal_hook(engine: Engine) -> bool:
 class WalWhileRunning:
     """Switches a SQLite study file to WAL for one driver run and back to a plain file after.
 
-    ``start`` before the driver's storage connections open (they pick ``synchronous`` when they
-    connect); ``restore`` after every engine on the file is disposed. Both never raise: the
+    ``start`` with no connection of this process open on the file (connections pick
+    ``synchronous`` when they connect, and switching a file back needs it to be the only one);
+    ``restore`` after every engine on the file is disposed. Both never raise: the
     journal is a speed setting, never a reason for a study to fail."""
 
     def __init__(self, engine: Engine):
@@ -132,7 +133,11 @@ class WalWhileRunning:
             return False
         use, why = wal_decision(self.path)
         if not use:
-            log.info("SQLite store keeps its rollback journal: %s", why)
+            # A file left in WAL (a driver killed mid-study, a copy of a live store) is
+            # switched back, so the setting means what it says.
+            self.switched = self.path.exists() and journal_mode(self.path) == "wal"
+            self.restore()
+            log.info("SQLite store keeps the rollback journal: %s", why)
             return False
         try:
             conn = sqlite3.connect(self.path, timeout=60)

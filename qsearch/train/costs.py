@@ -127,15 +127,18 @@ def fp32_reference_backward_s(model_name: str, num_classes: int, in_channels: in
     cached. Torch's RNG state is forked, so measuring never changes a trial's random stream
     (a resumed trial stays bit-identical whether or not its worker measured already)."""
     from qsearch.models import build_model
+    from qsearch.train.layout import memory_format, to_training_layout
 
+    # In the layout trials train in, so the ratio compares like with like.
     key = (model_name, num_classes, in_channels, tuple(input_shape), int(batch), str(device),
-           torch.get_num_threads())
+           torch.get_num_threads(), str(memory_format(device)))
     if key in _FP32_REFERENCE:
         return _FP32_REFERENCE[key]
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(0)
-        model = build_model(model_name, num_classes, in_channels).to(device).train()
+        model = to_training_layout(build_model(model_name, num_classes, in_channels),
+                                   device).train()
         x = torch.randn(batch, *input_shape, device=device)
         y = torch.randint(0, num_classes, (batch,), device=device)
         costs = TrainingCosts(device)

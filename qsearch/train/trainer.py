@@ -26,6 +26,7 @@ from qsearch.data import load_dataset
 from qsearch.errors import CheckpointError, TrialError
 from qsearch.methods.plugin import Method, Stage, build_methods
 from qsearch.models import build_model
+from qsearch.train.layout import to_training_layout
 from qsearch.quant import Precision, convert
 from qsearch.config import TrialConfig
 from qsearch.train.checkpoint import load_latest, save_checkpoint
@@ -144,7 +145,9 @@ class Trainer:
                     weight_bits.update(bits)
         self.weight_bits = weight_bits
         ctx.qlayers = convert(model, Precision.from_config(cfg, weight_bits))
-        ctx.model = model.to(self.device)
+        ctx.model = to_training_layout(model, self.device)
+        if ctx.fp_model is not None:
+            ctx.fp_model = to_training_layout(ctx.fp_model, self.device)
         for m in self.methods:
             m.attach(ctx)
         groups = param_groups(model, cfg.weight_decay)

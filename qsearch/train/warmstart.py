@@ -22,6 +22,7 @@ from torch import nn
 from qsearch.data import DatasetBundle, iterate_batches
 from qsearch.models import build_model
 from qsearch.train.checkpoint import atomic_torch_save
+from qsearch.train.layout import to_training_layout
 from qsearch.data.evaluate import evaluate
 from qsearch.train.optim import build_optimizer, build_scheduler
 
@@ -65,7 +66,8 @@ def train_float(cfg: TrialConfig, data: DatasetBundle, device: torch.device) -> 
     """Train the FP32 model with the warm-start recipe on the training split only (never val
     or test); returns (model, validation accuracy) — nan without a validation split."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data.num_classes, data.in_channels).to(device)
+    model = to_training_layout(build_model(cfg.model, data.num_classes, data.in_channels),
+                               device)
     ws = cfg.warm_start
     opt = build_optimizer(model, ws.optimizer, ws.lr, cfg.momentum, cfg.weight_decay,
                           nesterov=cfg.nesterov)
