@@ -17,6 +17,7 @@ the LSQ elementwise backward (straight-through masks, step-size gradients), BN a
 untouched.
 
     python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 15] [--clock wall|cpu]
+        [--layout nchw|channels-last]
 
 Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --threads 1
 --clock cpu``, shared 2-core AMD EPYC, four runs): dW alone saves 0.31-0.39 at 50% frozen and
@@ -45,12 +46,15 @@ from qsearch.quant.functional import _conv_weight_grad
 CLOCK = time.perf_counter
 
 
-def build(batch: int):
+def build(batch: int, channels_last: bool = False):
     model = build_model("resnet20", 10, 3)
     macs = count_macs(model, (3, 32, 32))
     qlayers = convert(model, Precision(w_bits=4, a_bits=4))
     model.train()
     x = torch.randn(batch, 3, 32, 32)
+    if channels_last:  # the layout the trainer uses on CPU (qsearch.train.layout)
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))
     model(x)  # initialise the activation step sizes
     return model, qlayers, macs, x, y
@@ -127,12 +131,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: perf_counter; cpu: process CPU time (less noise when shared)")
+    ap.add_argument("--layout", choices=("nchw", "channels-last"), default="nchw",
+                    help="memory layout of the model and batch (the trainer uses channels-last "
+                         "on CPU)")
     args = ap.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, qlayers, macs, x, y = build(args.batch)
+    model, qlayers, macs, x, y = build(args.batch, args.layout == "channels-last")
     total_macs = sum(macs.values())
 
     captured = capture_dw_inputs(model, qlayers, x, y)
@@ -144,7 +151,8 @@ def main() -> None:
             set_frozen(qlayers, frac)
             bwd[frac].append(time_backward(model, x, y))
             dw[frac].append(time_dw(qlayers, captured))
-    print(f"resnet20 W4A4 (first/last 8-bit), batch {args.batch}, {args.threads} CPU threads, "
+    print(f"resnet20 W4A4 (first/last 8-bit), {args.layout}, batch {args.batch}, "
+          f"{args.threads} CPU threads, "
           f"{args.reps} round-robin rounds, {args.clock} clock; times are medians, savings are medians of each "
           f"round's saving against the same round's 0% (range in brackets)")
     print(f"{'frozen':>7} {'bwd ms':>8} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "

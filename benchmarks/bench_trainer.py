@@ -3,16 +3,18 @@
 One process, one ResNet-20 (CIFAR, batch 128, 3x32x32 synthetic data), one SGD step =
 zero_grad + forward + cross-entropy + backward + step. Variants:
 
-- fp32: the float model;
-- qsearch: W4A4 LSQ via ``qsearch.quant.convert`` (first/last layer 8-bit), the trainer's path,
-  with the fused (compiled) LSQ kernels of ``qsearch.quant.fused``;
+- fp32: the float model; fp32-cl: the same in channels-last memory layout;
+- qsearch: W4A4 LSQ via ``qsearch.quant.convert`` (first/last layer 8-bit), with the fused
+  (compiled) LSQ kernels of ``qsearch.quant.fused``; qsearch-cl: the same in channels-last,
+  which is what the trainer runs on CPU (``qsearch.train.layout``);
 - qsearch-eager: the same model with the eager LSQ (``QSEARCH_NO_COMPILE=1`` around its steps);
 - torch.ao: ``prepare_qat_fx`` with the default x86 QAT qconfig (8-bit fake-quant observers);
 - brevitas: QuantConv2d/QuantLinear at W4A4 (first/last 8-bit), when brevitas is importable.
 
 Variants are timed in interleaved rounds (each round times every variant for ``--steps``
 steps), so a noisy, shared machine slows them alike; the per-step median over rounds is
-reported with its ratio to FP32. The goal for qsearch is <= 1.05x FP32.
+reported with its ratio to FP32. The goal for qsearch is <= 1.05x FP32; the channels-last
+pair is compared with its own layout and with plain (NCHW) FP32.
 
     python benchmarks/bench_trainer.py [--rounds 5 --steps 5 --batch 128 --threads N]
 """
@@ -140,9 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, 3, 32, 32, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
 
+    cl = torch.channels_last
     builders: dict[str, Callable[[], nn.Module | None]] = {
         "fp32": fp32_model,
+        "fp32-cl": lambda: fp32_model().to(memory_format=cl),
         "qsearch": qsearch_model,
+        "qsearch-cl": lambda: qsearch_model().to(memory_format=cl),
         "qsearch-eager": qsearch_model,
         "torch.ao": lambda: torch_ao_model(x),
         "brevitas": brevitas_model,
@@ -179,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
               f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
     if not fused.compile_enabled("cpu"):
         print("fused kernels unavailable here: qsearch ran eagerly too")
-    for name in ("qsearch", "qsearch-eager"):
-        if name in times:
-            ratio = statistics.median(times[name]) / base
-            print(f"{name}/FP32 = {ratio:.3f} "
+    for name, ref in (("qsearch", "fp32"), ("qsearch-eager", "fp32"),
+                      ("qsearch-cl", "fp32-cl"), ("qsearch-cl", "fp32")):
+        if name in times and ref in times:
+            ratio = statistics.median(times[name]) / statistics.median(times[ref])
+            print(f"{name}/{ref} = {ratio:.3f} "
                   f"(goal <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
     if "qsearch" in times and "qsearch-eager" in times:
         print(f"qsearch fused/eager = "

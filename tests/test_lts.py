@@ -12,7 +12,7 @@ from _resume import assert_resume_is_bit_identical
 from torch.utils.flop_counter import FlopCounterMode
 
 from qsearch.errors import ConfigError
-from qsearch.methods.lts import LTS, ema_update, freeze, level_error, threshold
+from qsearch.methods.lts import LTS, ema_update, freeze, freeze_channels, level_error, threshold
 from qsearch.quant import functional
 from qsearch.quant.functional import BackwardOptions
 from qsearch.train import train
@@ -123,6 +123,20 @@ def test_dw_channels_matches_full_gradient_and_skips_flops(groups):
         # FlopCounterMode counts a grouped conv's weight gradient as if ungrouped, so the
         # exact FLOP check is for dense convs; depthwise skips channels the same way.
         assert fc.get_total_flops() == fwd + fwd * keep.numel() // 8
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_freeze_channels_freezes_whole_channels_in_any_layout(layout):
+    """The mask of a channels-last weight is channels-last too (trainers on CPU use that
+    layout), and a reshape of it is a copy: freezing must write the mask itself. Fails when
+    the new rows are written through ``mask.reshape(...)``."""
+    dist = torch.ones(4, 3, 3, 3)
+    dist[1] = 0.01
+    dist[3, 0] = 0.0  # one element low, the channel's mean is not
+    mask = torch.zeros(4, 3, 3, 3, dtype=torch.bool).contiguous(memory_format=layout)
+    assert freeze_channels(mask, dist, theta=0.1) == 27
+    assert mask[1].all() and not mask[[0, 2, 3]].any()
+    assert freeze_channels(mask, dist, theta=0.1) == 0  # already frozen: nothing new
 
 
 @pytest.mark.parametrize("kernel,padding,rows", [((3, 3), 0, 2), ((3, 3), 2, 8), ((1, 1), 0, 3),
