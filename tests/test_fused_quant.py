@@ -223,6 +223,31 @@ def test_sr_fused_within_one_level_of_eager(keep):
 
 
 @needs_compile
+@pytest.mark.parametrize("keep", [None, 0, 1, 2])
+def test_sr_fused_on_a_channels_last_gradient(keep):
+    """The trainer's gradients are channels-last on CPU: the quantized gradient keeps that
+    layout (per tensor, sample and channel; other grid dimensions take the NCHW path), every
+    value is one of the two grid points of *its own* group's grid around it, and the mean of
+    many draws is the gradient. Fails when the NHWC view groups elements wrongly (a wrong
+    grid, so values off their grid) or the result is mapped back in the wrong order."""
+    x = _sample_tensor(4, (6, 5, 4, 7)).contiguous(memory_format=torch.channels_last)
+    lo, hi = _ref_minmax(x.contiguous(), keep)
+    scale = _ref_grid(lo, hi, 4)[0]
+    gen = torch.Generator().manual_seed(5)
+    total = torch.zeros(x.shape, dtype=torch.float64)
+    draws = 300
+    for _ in range(draws):
+        q = sr_quantize(x, 4, keep, generator=gen)
+        assert q.is_contiguous(memory_format=torch.channels_last) == (keep != 2)
+        level = q / scale
+        assert torch.allclose(level, level.round(), atol=1e-3)  # on its group's grid
+        assert bool(((q - x).abs() < scale.expand_as(x) * (1 + 1e-6)).all())
+        total += q.double()
+    sd = scale.expand_as(x).double() / 2 / draws ** 0.5  # a draw's spread is <= scale/2
+    assert bool(((total / draws - x.double()).abs() <= 5 * sd + 1e-12).all())
+
+
+@needs_compile
 def test_sr_fused_rounds_stochastically_not_to_nearest():
     """A value 0.3 levels above a grid point goes up in ~30% of draws (nearest: never)."""
     x = torch.zeros(4096)
