@@ -132,8 +132,9 @@ def test_lsq_fused_partial_gradients(need_v, need_s):
 
 
 @needs_compile
+@pytest.mark.parametrize("fn", [_LSQFusedFunction, _LSQFunction], ids=["fused", "eager"])
 @pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
-def test_lsq_fused_keeps_a_channels_last_layout(grad_layout):
+def test_lsq_keeps_a_channels_last_layout(grad_layout, fn):
     """A channels-last activation comes out channels-last (the next conv must not reorder
     it), with the same values and gradients as the contiguous tensor, also when the incoming
     gradient has the other layout. Fails when the kernel is fed ``v.reshape(-1)`` (a copy in
@@ -148,7 +149,7 @@ def test_lsq_fused_keeps_a_channels_last_layout(grad_layout):
     v_cl = base.contiguous(memory_format=cl)
     v = v_cl.clone().requires_grad_(True)
     sp = s.clone().requires_grad_(True)
-    out = _LSQFusedFunction.apply(v, sp, qn, qp, 0.1)
+    out = fn.apply(v, sp, qn, qp, 0.1)
     assert out.is_contiguous(memory_format=cl) and not out.is_contiguous()
     g_in = gy.contiguous(memory_format=cl) if grad_layout == "channels_last" else gy
     out.backward(g_in)

@@ -65,7 +65,8 @@ class _LSQFunction(torch.autograd.Function):
         grad_v = grad * mask if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).mul_(ctx.g).reshape(1)
+            order = _memory_order(ds)  # flat views in memory order (no copy when channels-last)
+            grad_s = torch.dot(_flat(grad, order), _flat(ds, order)).mul_(ctx.g).reshape(1)
         return grad_v, grad_s, None, None, None
 
 
