@@ -141,16 +141,18 @@ def test_freeze_channels_freezes_whole_channels_in_any_layout(layout):
 
 @pytest.mark.parametrize("kernel,padding,rows", [((3, 3), 0, 2), ((3, 3), 2, 8), ((1, 1), 0, 3),
                                                  ((3, 1), (1, 0), 5), ((3, 3), 1, 12)])
-def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows, layout):
     """Up to ``SWAP_MAX_ROWS`` gathered rows take the swapped-conv form of dW, more rows the
     direct one (as do rows not fewer than the input channels); both must give the dense gradient's rows for every padding (including none and
-    more than half the kernel) and non-square kernels. Fails on a wrong flip, transpose or
-    swapped padding."""
+    more than half the kernel) and non-square kernels, in both memory layouts (a channels-last
+    gradient is gathered as columns of its (N*H*W, C) matrix). Fails on a wrong flip,
+    transpose or swapped padding, or gathered columns mapped back in the wrong order."""
     torch.manual_seed(0)
-    x = torch.randn(3, 10, 7, 6)  # more input channels than 8 rows: the swap applies
-    w = torch.randn(16, 10, *kernel, requires_grad=True)
+    x = torch.randn(3, 10, 7, 6).contiguous(memory_format=layout)  # > 8 input channels
+    w = torch.randn(16, 10, *kernel).contiguous(memory_format=layout).requires_grad_(True)
     y = torch.nn.functional.conv2d(x, w, None, 1, padding)
-    gy = torch.randn_like(y)
+    gy = torch.randn(y.shape).contiguous(memory_format=layout)
     y.backward(gy)
     full = w.grad.clone()
     keep = torch.randperm(16)[:rows].sort().values
