@@ -72,7 +72,7 @@ def _deferring_errors(hook: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(hook)
     def guarded(self: StoreCallback, *args: Any, **kwargs: Any) -> None:
-        if self.failure is not None:
+        if self.failure is not None or getattr(self.searcher, "failure", None) is not None:
             return  # the study is stopping; the next launch reconciles the open trials
         try:
             hook(self, *args, **kwargs)

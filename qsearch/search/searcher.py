@@ -288,6 +288,11 @@ class StudySearcher(Searcher):
                           error: bool = False) -> None:
         if trial_id in self._told or trial_id not in self._trials:
             return
+        if self.failure is not None:
+            # The storage failed and the study is stopping: Tune ends its trials now, and
+            # telling a database that is down would only raise inside Tune's clean-up. The
+            # next launch closes them (reap_lost_trials).
+            return
         if error:
             return  # the callback calls fail() with the message
         outcome = classify(result, self.objectives)

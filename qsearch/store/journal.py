@@ -87,11 +87,14 @@ def sqlite_file(engine: Engine) -> Path | None:
     return Path(db).expanduser()
 
 
-def journal_mode(path: Path) -> str:
-    """The database file's journal mode as SQLite reports it ('wal', 'delete', ...)."""
-    conn = sqlite3.connect(path, timeout=60)
+def journal_mode(path: Path, set_to: str | None = None, timeout: float = 60) -> str:
+    """The database file's journal mode as SQLite reports it ('wal', 'delete', ...), after
+    switching it to ``set_to`` if given (raises ``sqlite3.Error`` when the switch cannot take
+    the lock within ``timeout`` seconds)."""
+    conn = sqlite3.connect(path, timeout=timeout)
     try:
-        return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        pragma = "PRAGMA journal_mode" + (f"={set_to}" if set_to else "")
+        return str(conn.execute(pragma).fetchone()[0]).lower()
     finally:
         conn.close()
 
@@ -135,16 +138,15 @@ class WalWhileRunning:
         if not use:
             # A file left in WAL (a driver killed mid-study, a copy of a live store) is
             # switched back, so the setting means what it says.
-            self.switched = self.path.exists() and journal_mode(self.path) == "wal"
+            try:
+                self.switched = self.path.exists() and journal_mode(self.path, timeout=1) == "wal"
+            except sqlite3.Error:  # locked by another process: it stays as it is
+                self.switched = False
             self.restore()
             log.info("SQLite store keeps the rollback journal: %s", why)
             return False
         try:
-            conn = sqlite3.connect(self.path, timeout=60)
-            try:
-                mode = str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
-            finally:
-                conn.close()
+            mode = journal_mode(self.path, set_to="WAL")
         except sqlite3.Error as e:
             log.info("SQLite store keeps its journal (switching to WAL failed: %s)", e)
             return False
@@ -158,11 +160,7 @@ class WalWhileRunning:
         if not self.switched:
             return False
         try:
-            conn = sqlite3.connect(self.path, timeout=1)
-            try:
-                mode = str(conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]).lower()
-            finally:
-                conn.close()
+            mode = journal_mode(self.path, set_to="DELETE", timeout=1)
         except sqlite3.Error as e:
             log.info("SQLite store left in WAL mode (another process has it open: %s); the "
                      "next driver switches it back", e)
