@@ -9,7 +9,9 @@ channels-last from layer to layer. On CUDA nothing was measured here, so the lay
 it is. ``QSEARCH_CHANNELS_LAST`` overrides (``0`` never, ``1`` always).
 
 The layout is a speed setting, like the compiled kernels: values agree to float32 round-off
-(convolutions sum in another order), and it is not part of a trial's config or its hash.
+(convolutions sum in another order; gradient quantization draws its hash noise in memory
+order, so other but equally distributed draws), and it is not part of a trial's config or its
+hash.
 """
 
 from __future__ import annotations
