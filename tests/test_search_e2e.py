@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import optuna
@@ -16,6 +17,7 @@ from _search_helpers import start_driver, stored_trials, tiny_spec, wait_for
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from qsearch.errors import QsearchError
 from qsearch.search import launch
 from qsearch.store import LeaseError, Store, queries
 from qsearch.store.journal import journal_mode
@@ -96,6 +98,28 @@ def test_study_end_to_end(db_url, tmp_path, ray_session):
     # Relaunching a finished study runs nothing more.
     again = launch(spec, display=False)
     assert again.counted == 6 and len(optuna.load_study(study_name="e2e", storage=db_url).trials) == 6
+
+
+@pytest.mark.timeout(240)
+def test_a_search_that_fails_with_no_trial_running_stops_at_once(tmp_path, ray_session):
+    """The searcher fails before any trial runs (a size bound no config meets): the study
+    stops with that one error, promptly. Fails when the searcher answers None after a failure:
+    with nothing running, Tune then re-asks it every second for up to 10 minutes, with no
+    loop step in which the driver could stop it (seen with a database cut during ``ask``)."""
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    spec = parse_study_spec(tiny_spec("nofit", url, tmp_path,
+                                      constraints={"size_mb": {"max": 1e-9}}))
+    t0 = time.monotonic()
+    with pytest.raises(QsearchError, match="in a row were infeasible"):
+        launch(spec, display=False)
+    assert time.monotonic() - t0 < 120
+    study = optuna.load_study(study_name="nofit", storage=url)
+    assert study.trials and all(t.state == TrialState.FAIL for t in study.trials)
+    store = Store(url, create=False)
+    try:
+        assert queries.list_studies(store)[0]["lease_host"] is None  # the lease was released
+    finally:
+        store.dispose()
 
 
 def test_resume_after_killed_driver_and_second_driver_refused(tmp_path, ray_session):

@@ -424,6 +424,11 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         with view, interrupt:
             searcher.interrupt = interrupt
             tuner.fit()
+        # A storage failure while asking for a trial ends Tune's loop through the searcher
+        # (it reports FINISHED); the study stops with that error, as from the callback.
+        failure = callback.failure or searcher.failure
+        if failure is not None:
+            raise failure
         _close_open_trials(searcher, store, rec.id)  # before the result counts them
         status = "finished" if len(counted_trials(study)) >= spec.budget.num_trials else "stopped"
         if interrupt.requested and status != "finished":

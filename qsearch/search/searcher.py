@@ -181,14 +181,17 @@ class StudySearcher(Searcher):
         return True
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        """The next trial's assignment, ``FINISHED`` at the budget, or None after a failure.
+        """The next trial's assignment, or ``FINISHED`` at the budget and after a failure.
 
         A failure here (the database down past every retry, a space the constraints leave
         empty) is kept in :attr:`failure` rather than raised: raised inside Tune's loop it
         would end the run with Tune's traceback. The driver's callback raises it from
-        ``on_step_begin``, where the study stops with one line."""
+        ``on_step_begin`` while trials run, and the driver after ``Tuner.fit`` returns; the
+        study stops with one line. ``FINISHED``, not None: with no trial running, Tune waits
+        for a searcher that returns None, asking again every second for up to 10 minutes
+        without a loop step in which the callback could stop it."""
         if self.failure is not None:
-            return None
+            return Searcher.FINISHED
         try:
             return self._suggest(trial_id)
         except QsearchError as e:
@@ -199,7 +202,7 @@ class StudySearcher(Searcher):
                                         f"{first}")
             self.failure.__cause__ = e
         log.error("stopping the study: %s", self.failure)
-        return None
+        return Searcher.FINISHED
 
     def _suggest(self, trial_id: str) -> dict[str, Any] | None:
         for _ in range(MAX_SKIPPED_IN_A_ROW):
