@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qsearch.quant import flops
+from qsearch.quant.memory_order import NHWC, is_channels_last
 
 GradTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -147,10 +148,9 @@ def _gather_channels(g: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     ``(N*H*W, C)`` matrix in memory: gathering its columns there gives the channels-last result
     directly, 2.6x faster than ``index_select`` on the 4-D tensor (1.2 vs 3.2 ms for half of a
     128x16x32x32 gradient), which also returns NCHW for the next kernel to reorder."""
-    if g.dim() == 4 and not g.is_contiguous() and \
-            g.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(g):
         n, c, h, w = g.shape
-        rows = g.permute(0, 2, 3, 1).reshape(-1, c).index_select(1, channels)
+        rows = g.permute(NHWC).reshape(-1, c).index_select(1, channels)
         return rows.view(n, h, w, -1).permute(0, 3, 1, 2)
     return g.index_select(1, channels)
 

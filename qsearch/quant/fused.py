@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from qsearch.quant.memory_order import NHWC, is_channels_last
+
 ENV_DISABLE = "QSEARCH_NO_COMPILE"
 
 
@@ -356,13 +358,12 @@ def sr_quantize(g: torch.Tensor, bits: int, keep: int | None = None,
         n = _LEVELS.get(key)
         if n is None:
             n = _LEVELS[key] = torch.tensor(float(2**bits - 1), device=g.device, dtype=g.dtype)
-        if g.dim() == 4 and (keep is None or keep % 4 in (0, 1)) and not g.is_contiguous() \
-                and g.is_contiguous(memory_format=torch.channels_last):
+        if (keep is None or keep % 4 in (0, 1)) and is_channels_last(g):
             # A channels-last gradient is quantized in its own memory order (NHWC views, no
             # copy) and comes back channels-last, so the convolutions that consume it do not
             # reorder it. The hash noise follows the element order, so a draw differs from
             # the NCHW tensor's draw; both are unbiased and seeded alike.
-            nhwc = g.permute(0, 2, 3, 1)
+            nhwc = g.permute(NHWC)
             out = sr_quantize_kernel(_as_3d_nhwc(nhwc, keep), draw_seeds(g, generator), n)
             return out.view(nhwc.shape).permute(0, 3, 1, 2)
         out = sr_quantize_kernel(as_3d(g, keep), draw_seeds(g, generator), n)

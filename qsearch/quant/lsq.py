@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from qsearch.quant import fused
+from qsearch.quant.memory_order import flat, memory_order, unflat
 
 
 def level_bounds(bits: int, signed: bool) -> tuple[int, int]:
@@ -65,35 +66,9 @@ class _LSQFunction(torch.autograd.Function):
         grad_v = grad * mask if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            order = _memory_order(ds)  # flat views in memory order (no copy when channels-last)
-            grad_s = torch.dot(_flat(grad, order), _flat(ds, order)).mul_(ctx.g).reshape(1)
+            order = memory_order(ds)  # flat views in memory order (no copy when channels-last)
+            grad_s = torch.dot(flat(grad, order), flat(ds, order)).mul_(ctx.g).reshape(1)
         return grad_v, grad_s, None, None, None
-
-
-def _memory_order(t: torch.Tensor) -> tuple[int, ...] | None:
-    """The dimension order in which ``t``'s elements lie contiguously in memory (identity
-    for a contiguous tensor, NHWC for channels-last); None when it has gaps or overlaps."""
-    if t.is_contiguous():
-        return tuple(range(t.dim()))
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return (0, 2, 3, 1)
-    return None
-
-
-def _flat(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
-    """``t``'s elements as a 1-D tensor in ``order`` (a view when ``t`` lies that way): the
-    compiled kernels are elementwise, so any order works as long as every operand shares it."""
-    if order is None:
-        return t.reshape(-1)
-    return t.permute(order).reshape(-1)
-
-
-def _unflat(flat: torch.Tensor, like: torch.Tensor, order: tuple[int, ...] | None
-            ) -> torch.Tensor:
-    """``flat`` (elements in ``order``) back in ``like``'s shape and memory layout."""
-    if order is None:
-        return flat.view(like.shape)
-    return flat.as_strided(like.shape, like.stride())
 
 
 class _LSQFusedFunction(torch.autograd.Function):
@@ -104,8 +79,8 @@ class _LSQFusedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float):  # type: ignore[override]
         lo, hi = fused.bounds(qn, qp, v)
-        order = _memory_order(v)
-        out = _unflat(fused.lsq_forward(_flat(v, order), s, lo, hi), v, order)
+        order = memory_order(v)
+        out = unflat(fused.lsq_forward(flat(v, order), s, lo, hi), v, order)
         ctx.save_for_backward(v, s)
         ctx.conf = (lo, hi, g, order)
         return out
@@ -115,7 +90,7 @@ class _LSQFusedFunction(torch.autograd.Function):
         v, s = ctx.saved_tensors
         lo, hi, g, order = ctx.conf
         need_v, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        args = (_flat(grad, order), _flat(v, order), s, lo, hi)
+        args = (flat(grad, order), flat(v, order), s, lo, hi)
         grad_v = grad_s = None
         if need_v and need_s:
             grad_v, grad_s = fused.run_or_eager(fused.lsq_backward, *args)
@@ -124,7 +99,7 @@ class _LSQFusedFunction(torch.autograd.Function):
         elif need_s:
             grad_s = fused.run_or_eager(fused.lsq_backward_s, *args)
         if grad_v is not None:
-            grad_v = _unflat(grad_v, v, order)
+            grad_v = unflat(grad_v, v, order)
         if grad_s is not None:
             grad_s = grad_s.mul_(g).to(s.dtype)
         return grad_v, grad_s, None, None, None
@@ -145,8 +120,8 @@ def lsq_quantize(v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -
         try:
             with torch.no_grad():
                 lo, hi = fused.bounds(qn, qp, v)
-                order = _memory_order(v)
-                return _unflat(fused.lsq_forward(_flat(v, order), s.detach(), lo, hi), v,
+                order = memory_order(v)
+                return unflat(fused.lsq_forward(flat(v, order), s.detach(), lo, hi), v,
                                order)
         except fused.CompileFailed:
             pass
