@@ -184,12 +184,18 @@ def main(argv: list[str] | None = None) -> int:
               f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
     if not fused.compile_enabled("cpu"):
         print("fused kernels unavailable here: qsearch ran eagerly too")
+    # The goal compares like with like (same layout); the cross-layout ratio says what the
+    # trainer's CPU layout costs against the FP32 step PyTorch runs by default.
     for name, ref in (("qsearch", "fp32"), ("qsearch-eager", "fp32"),
-                      ("qsearch-cl", "fp32-cl"), ("qsearch-cl", "fp32")):
+                      ("qsearch-cl", "fp32-cl")):
         if name in times and ref in times:
             ratio = statistics.median(times[name]) / statistics.median(times[ref])
-            print(f"{name}/{ref} = {ratio:.3f} "
-                  f"(goal <= 1.05: {'met' if ratio <= 1.05 else 'NOT met'})")
+            print(f"{name}/{ref} = {ratio:.3f} (measured; goal <= 1.05: "
+                  f"{'met' if ratio <= 1.05 else 'NOT met'})")
+    if "qsearch-cl" in times and "fp32" in times:
+        ratio = statistics.median(times["qsearch-cl"]) / base
+        print(f"qsearch-cl/fp32 = {ratio:.3f} (measured; against NCHW FP32, not the goal's "
+              f"same-layout comparison)")
     if "qsearch" in times and "qsearch-eager" in times:
         print(f"qsearch fused/eager = "
               f"{statistics.median(times['qsearch']) / statistics.median(times['qsearch-eager']):.3f}")
