@@ -37,7 +37,6 @@ from sqlalchemy.exc import (
 from qsearch.config import defaults
 from qsearch.config.urls import explain_database_error
 from qsearch.errors import ConfigError, StorageError
-from qsearch.store.journal import synchronous_normal_in_wal
 
 log = logging.getLogger(__name__)
 #: The longest single back-off between two attempts (seconds).
@@ -95,6 +94,17 @@ def sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
     finally:
         cur.close()
     synchronous_normal_in_wal(dbapi_conn, record)
+
+
+def synchronous_normal_in_wal(dbapi_conn: Any, _record: Any) -> None:
+    """Connect hook: in WAL mode, commit without waiting for the disk (``synchronous=NORMAL``
+    keeps the file consistent; only the last commits before a power cut can be lost)."""
+    cur = dbapi_conn.cursor()
+    try:
+        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+            cur.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cur.close()
 
 
 def existing_sqlite_file(url: URL, field: str = "storage") -> Path | None:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine, event
 
 from qsearch.config import defaults
+from qsearch.errors import ConfigError
+from qsearch.store.engine import existing_sqlite_file, synchronous_normal_in_wal
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +79,12 @@ def wal_decision(path: Path) -> tuple[bool, str]:
 
 
 def sqlite_file(engine: Engine) -> Path | None:
-    """The file behind a SQLite engine; None for other backends and in-memory databases."""
-    if engine.dialect.name != "sqlite":
+    """The existing file behind a SQLite engine; None for other backends, in-memory
+    databases and a file that is not there."""
+    try:
+        return existing_sqlite_file(engine.url)
+    except ConfigError:  # in memory (or not created): nothing to switch
         return None
-    db = engine.url.database or ""
-    if db in ("", ":memory:") or db.startswith("file:"):
-        return None  # URIs (shared-cache memory, read-only modes) keep SQLite's defaults
-    return Path(db).expanduser()
 
 
 def journal_mode(path: Path, set_to: str | None = None, timeout: float = 60) -> str:
@@ -97,17 +97,6 @@ def journal_mode(path: Path, set_to: str | None = None, timeout: float = 60) -> 
         return str(conn.execute(pragma).fetchone()[0]).lower()
     finally:
         conn.close()
-
-
-def synchronous_normal_in_wal(dbapi_conn: Any, _record: Any) -> None:
-    """Connect hook: in WAL mode, commit without waiting for the disk (``synchronous=NORMAL``
-    keeps the file consistent; only the last commits before a power cut can be lost)."""
-    cur = dbapi_conn.cursor()
-    try:
-        if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
-            cur.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cur.close()
 
 
 def add_wal_hook(engine: Engine) -> bool:
