@@ -16,6 +16,10 @@ steps), so a noisy, shared machine slows them alike; the per-step median over ro
 reported with its ratio to FP32. The goal for qsearch is <= 1.05x FP32; the channels-last
 pair is compared with its own layout and with plain (NCHW) FP32.
 
+Every variant runs with the host-memory setting trials run with (``--malloc tuned``:
+``qsearch.train.host_memory``); ``--malloc default`` keeps glibc's own settings. Page faults
+and system time per step are printed beside the times: they are what the setting changes.
+
     python benchmarks/bench_trainer.py [--rounds 5 --steps 5 --batch 128 --threads N]
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -35,6 +40,7 @@ from torch import nn
 
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert, fused
+from qsearch.train.host_memory import keep_freed_memory
 
 Step = Callable[[], None]
 
@@ -102,17 +108,20 @@ def brevitas_model() -> nn.Module | None:
 CLOCK = time.perf_counter
 
 
-def time_steps(step: Step, n: int, eager: bool = False) -> float:
-    """Seconds per step over ``n`` steps (``CLOCK``); ``eager`` sets QSEARCH_NO_COMPILE=1
-    meanwhile."""
+def time_steps(step: Step, n: int, eager: bool = False) -> tuple[float, float, float]:
+    """Seconds per step over ``n`` steps (``CLOCK``), with the minor page faults and the
+    system (kernel) seconds per step; ``eager`` sets QSEARCH_NO_COMPILE=1 meanwhile."""
     old = os.environ.get(fused.ENV_DISABLE)
     if eager:
         os.environ[fused.ENV_DISABLE] = "1"
     try:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = CLOCK()
         for _ in range(n):
             step()
-        return (CLOCK() - t0) / n
+        t = (CLOCK() - t0) / n
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return t, (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru_stime) / n
     finally:
         if eager:
             if old is None:
@@ -132,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: this process's CPU time (with --threads 1, robust to other "
                          "processes competing for the cores)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: keep freed host memory as the trainer does "
+                         "(qsearch.train.host_memory); default: glibc's own settings")
     args = ap.parse_args(argv)
+    malloc = keep_freed_memory() if args.malloc == "tuned" else "default"
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
@@ -170,18 +183,25 @@ def main(argv: list[str] | None = None) -> int:
         time_steps(steps[name], args.warmup, eager=name.endswith("eager"))
 
     times: dict[str, list[float]] = {name: [] for name in steps}
+    faults: dict[str, list[float]] = {name: [] for name in steps}
+    system: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            times[name].append(time_steps(step, args.steps, eager=name.endswith("eager")))
+            t, f, sys_s = time_steps(step, args.steps, eager=name.endswith("eager"))
+            times[name].append(t)
+            faults[name].append(f)
+            system[name].append(sys_s)
 
     print(f"resnet20, batch {args.batch}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; median of {args.rounds} rounds x {args.steps} steps, "
-          f"{args.clock} clock")
+          f"{args.clock} clock; malloc {malloc}")
     base = statistics.median(times["fp32"])
     for name, ts in times.items():
         med = statistics.median(ts)
         print(f"{name:>13}: {med * 1e3:8.1f} ms/step   x{med / base:5.2f} FP32   "
-              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f})")
+              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f}; "
+              f"{statistics.median(faults[name]):.0f} page faults, "
+              f"{statistics.median(system[name]) * 1e3:.1f} ms system time per step)")
     if not fused.compile_enabled("cpu"):
         print("fused kernels unavailable here: qsearch ran eagerly too")
     # The goal compares like with like (same layout); the cross-layout ratio says what the

@@ -30,6 +30,8 @@ ENV_VARS: dict[str, str] = {
                              "channels-last on CPU, unchanged on CUDA), 1 always, 0 never",
     "QSEARCH_SQLITE_WAL": "SQLite write-ahead log while a study runs: auto (default: unless the "
                           "file is on a network filesystem), 1 always, 0 never",
+    "QSEARCH_MALLOC_TUNING": "auto (default: a training process keeps freed host memory for "
+                             "reuse, on Linux with glibc), 0 leaves malloc's own settings",
 }
 
 
@@ -79,6 +81,11 @@ def channels_last() -> str:
 def sqlite_wal() -> str:
     """``QSEARCH_SQLITE_WAL`` as ``auto``, ``on`` or ``off`` (anything unrecognised: auto)."""
     return _tri_state("QSEARCH_SQLITE_WAL")
+
+
+def malloc_tuning() -> str:
+    """``QSEARCH_MALLOC_TUNING`` as ``auto``, ``on`` or ``off`` (anything unrecognised: auto)."""
+    return _tri_state("QSEARCH_MALLOC_TUNING")
 
 
 def _tri_state(name: str) -> str:

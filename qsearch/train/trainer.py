@@ -26,6 +26,7 @@ from qsearch.data import load_dataset
 from qsearch.errors import CheckpointError, TrialError
 from qsearch.methods.plugin import Method, Stage, build_methods
 from qsearch.models import build_model
+from qsearch.train.host_memory import keep_freed_memory
 from qsearch.train.layout import to_training_layout
 from qsearch.quant import Precision, convert
 from qsearch.config import TrialConfig
@@ -91,6 +92,7 @@ class Trainer:
         self.report = report
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.device = resolve_device(config.device)
+        keep_freed_memory()  # host-memory reuse for the whole process (train/host_memory.py)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         seed_everything(config.seed)
