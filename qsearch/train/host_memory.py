@@ -6,9 +6,9 @@ fault the kernel zero-fills. Whether it happens depends on glibc's adaptive thre
 the process's pattern of allocations, so it comes and goes from run to run. Measured with
 ``python benchmarks/bench_trainer.py --only fp32-cl,qsearch-cl --threads 1 --clock cpu
 --malloc default|tuned`` (ResNet-20, batch 128, one thread), which prints faults and system
-time per step: with glibc's settings, three of four runs had one or two variants faulting
-400-13,000 times per step (up to 25 ms of system time per step, on FP32 and QAT steps alike);
-with the settings below, 0-3 faults and no system time in every run. The step times of
+time per step: with glibc's settings, two of three runs had variants faulting 400-10,400
+times per step (up to 23 ms of system time per step, on FP32 and QAT steps alike); with the
+settings below, 0-3 faults and no system time in each of three runs. The step times of
 those runs moved by no more than this machine's run-to-run noise (about +-10%), so no time
 saving is claimed here; what is removed is the kernel's work, when it happens.
 
