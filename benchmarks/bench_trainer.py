@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "qsearch": qsearch_model,
         "qsearch-cl": lambda: qsearch_model().to(memory_format=cl),
         "qsearch-eager": qsearch_model,
+        "qsearch-cl-eager": lambda: qsearch_model().to(memory_format=cl),
         "torch.ao": lambda: torch_ao_model(x),
         "brevitas": brevitas_model,
     }
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     # The goal compares like with like (same layout); the cross-layout ratio says what the
     # trainer's CPU layout costs against the FP32 step PyTorch runs by default.
     for name, ref in (("qsearch", "fp32"), ("qsearch-eager", "fp32"),
-                      ("qsearch-cl", "fp32-cl")):
+                      ("qsearch-cl", "fp32-cl"), ("qsearch-cl-eager", "fp32-cl")):
         if name in times and ref in times:
             ratio = statistics.median(times[name]) / statistics.median(times[ref])
             print(f"{name}/{ref} = {ratio:.3f} (measured; goal <= 1.05: "

@@ -25,7 +25,9 @@ ENV_VARS: dict[str, str] = {
     "QSEARCH_LEASE_TIMEOUT_S": "seconds without heartbeat before a driver lease is stale (60)",
     "QSEARCH_RESOURCE_WAIT_S": "seconds a study waits for an autoscaling cluster to offer a "
                                "node that fits one trial (default 0: fail at once)",
-    "QSEARCH_NO_COMPILE": "1 turns off the torch.compile'd quantizer kernels (eager fallback)",
+    "QSEARCH_COMPILE": "torch.compile'd quantizer kernels: auto (default: for trials large enough "
+                       "to repay compiling them), 1 for every trial, 0 never (eager kernels)",
+    "QSEARCH_NO_COMPILE": "1 is QSEARCH_COMPILE=0 (the older name)",
     "QSEARCH_CHANNELS_LAST": "memory layout of conv models in training: auto (default: "
                              "channels-last on CPU, unchanged on CUDA), 1 always, 0 never",
     "QSEARCH_SQLITE_WAL": "SQLite write-ahead log while a study runs: auto (default: unless the "
@@ -81,6 +83,14 @@ def channels_last() -> str:
 def sqlite_wal() -> str:
     """``QSEARCH_SQLITE_WAL`` as ``auto``, ``on`` or ``off`` (anything unrecognised: auto)."""
     return _tri_state("QSEARCH_SQLITE_WAL")
+
+
+def compile_kernels() -> str:
+    """``QSEARCH_COMPILE`` as ``auto``, ``on`` or ``off``; ``QSEARCH_NO_COMPILE=1`` (the older
+    switch) is ``off`` whatever ``QSEARCH_COMPILE`` says."""
+    if os.environ.get("QSEARCH_NO_COMPILE", "").strip() not in ("", "0"):
+        return "off"
+    return _tri_state("QSEARCH_COMPILE")
 
 
 def malloc_tuning() -> str:

@@ -19,7 +19,9 @@ eager draw by at most one quantization level; given the same noise the formulas 
 bit-identical (tests/test_fused_quant.py).
 
 Compilation is used when ``torch.compile`` works on the tensor's device: not with
-``QSEARCH_NO_COMPILE=1``, not on CPU without a C++ compiler, not on CUDA without Triton. A
+``QSEARCH_COMPILE=0`` (or ``QSEARCH_NO_COMPILE=1``), not on CPU without a C++ compiler, not on
+CUDA without Triton, and not inside a trial its trainer judged too small to repay the
+compilation (:func:`trial_kernels`). A
 kernel whose compilation or call fails is disabled for the rest of the process with one
 warning, and the eager path takes over. Shapes are compiled dynamically (``dynamic=True``), so
 a new batch size or layer width does not recompile.
@@ -27,17 +29,18 @@ a new batch size or layer width does not recompile.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-import os
 import shutil
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
+from qsearch.config import defaults
 from qsearch.quant.memory_order import NHWC, is_channels_last
 
 ENV_DISABLE = "QSEARCH_NO_COMPILE"
@@ -64,9 +67,33 @@ def _device_ok(device_type: str) -> bool:
     return False
 
 
+class KernelChoice:
+    """Whether the running trial uses the compiled kernels; its trainer sets ``compiled``."""
+
+    def __init__(self) -> None:
+        self.compiled = True
+
+
+_trial: KernelChoice | None = None  # the running trial's choice (None: no trial runs)
+
+
+@contextlib.contextmanager
+def trial_kernels() -> Iterator[KernelChoice]:
+    """Scope of one trial: kernels compile only if the yielded choice says so. Outside a
+    trial (tests, benchmarks, exports) the compiled kernels run wherever they can. The choice
+    is process-wide rather than per thread, because autograd runs CUDA backward passes on its
+    own threads; one process trains one trial at a time."""
+    global _trial
+    before, _trial = _trial, KernelChoice()
+    try:
+        yield _trial
+    finally:
+        _trial = before
+
+
 def compile_enabled(device: torch.device | str = "cpu") -> bool:
     """Whether the fused (compiled) kernels are used for tensors on ``device``."""
-    if os.environ.get(ENV_DISABLE, "").strip() not in ("", "0"):
+    if defaults.compile_kernels() == "off" or (_trial is not None and not _trial.compiled):
         return False
     return _device_ok(torch.device(device).type)
 
@@ -127,6 +154,11 @@ class FusedKernel:
     def usable(self, t: torch.Tensor) -> bool:
         # Under a TorchScript trace (e.g. the ONNX exporter) the eager ops must be recorded.
         return not self.broken and not torch.jit.is_tracing() and compile_enabled(t.device)
+
+    @property
+    def compiled_variants(self) -> int:
+        """How many compiled copies this process holds (0: the kernel never compiled)."""
+        return len(self._compiled)
 
     def reset(self) -> None:
         """Forget compiled copies and a previous failure (the next call compiles again)."""

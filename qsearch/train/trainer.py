@@ -27,8 +27,9 @@ from qsearch.errors import CheckpointError, TrialError
 from qsearch.methods.plugin import Method, Stage, build_methods
 from qsearch.models import build_model
 from qsearch.train.host_memory import keep_freed_memory
+from qsearch.train.kernels import compile_pays
 from qsearch.train.layout import to_training_layout
-from qsearch.quant import Precision, convert
+from qsearch.quant import Precision, convert, fused
 from qsearch.config import TrialConfig
 from qsearch.train.checkpoint import load_latest, save_checkpoint
 from qsearch.train.costs import TrainingCosts, fp32_reference_backward_s
@@ -105,6 +106,7 @@ class Trainer:
         self._stage_resume: dict[str, Any] | None = None  # a stage checkpoint to resume from
         self._t_start = time.perf_counter()
         self._wall_before = 0.0  # wall time of the attempts before a resume
+        self._kernels: fused.KernelChoice | None = None  # set by run() (train/kernels.py)
 
     # ------------------------------------------------------------------ set-up
     def _float_model(self) -> nn.Module:
@@ -136,6 +138,8 @@ class Trainer:
         # reaches (and initialises) an activation quantizer. (Before any precision stage, so
         # the stage's reports carry the training-cost figures too.)
         self.macs = count_macs(model, self.data.input_shape)
+        if self._kernels is not None:  # inside run(): small trials skip the compilation
+            self._kernels.compiled = compile_pays(sum(self.macs.values()), n_train, cfg.epochs)
         weight_bits: dict[str, int] = {}
         if resume is not None:
             weight_bits = dict(resume.get("weight_bits", {}))
@@ -374,6 +378,13 @@ class Trainer:
         _set_rng_state(ckpt["rng"], self.device)
 
     def run(self) -> TrainResult:
+        with fused.trial_kernels() as self._kernels:
+            try:
+                return self._run()
+            finally:
+                self._kernels = None
+
+    def _run(self) -> TrainResult:
         cfg = self.config
         start = self._t_start = time.perf_counter()
         ckpt = load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
