@@ -85,10 +85,14 @@ def sqlite_wal() -> str:
     return _tri_state("QSEARCH_SQLITE_WAL")
 
 
+#: The older switch for the eager kernels (``1`` is ``QSEARCH_COMPILE=0``).
+NO_COMPILE_ENV = "QSEARCH_NO_COMPILE"
+
+
 def compile_kernels() -> str:
     """``QSEARCH_COMPILE`` as ``auto``, ``on`` or ``off``; ``QSEARCH_NO_COMPILE=1`` (the older
     switch) is ``off`` whatever ``QSEARCH_COMPILE`` says."""
-    if os.environ.get("QSEARCH_NO_COMPILE", "").strip() not in ("", "0"):
+    if os.environ.get(NO_COMPILE_ENV, "").strip() not in ("", "0"):
         return "off"
     return _tri_state("QSEARCH_COMPILE")
 

@@ -43,7 +43,7 @@ import torch
 from qsearch.config import defaults
 from qsearch.quant.memory_order import NHWC, is_channels_last
 
-ENV_DISABLE = "QSEARCH_NO_COMPILE"
+ENV_DISABLE = defaults.NO_COMPILE_ENV
 
 
 # ----------------------------------------------------------------------------- availability

@@ -25,15 +25,10 @@ from qsearch.config import defaults
 COMPILE_MIN_MACS = 4e11
 
 
-def trial_macs(macs_per_sample: float, train_samples: int, epochs: int) -> float:
-    """Forward MACs of a trial's training: per sample x samples x epochs."""
-    return float(macs_per_sample) * train_samples * epochs
-
-
 def compile_pays(macs_per_sample: float, train_samples: int, epochs: int) -> bool:
     """Whether this trial compiles the fused kernels (``QSEARCH_COMPILE``: ``auto`` decides
     by :data:`COMPILE_MIN_MACS`, ``on`` always, ``off`` never)."""
     setting = defaults.compile_kernels()
     if setting != "auto":
         return setting == "on"
-    return trial_macs(macs_per_sample, train_samples, epochs) >= COMPILE_MIN_MACS
+    return float(macs_per_sample) * train_samples * epochs >= COMPILE_MIN_MACS
