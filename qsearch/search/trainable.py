@@ -18,9 +18,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsearch import protocol as P
+
+if TYPE_CHECKING:
+    from qsearch.config import TrialConfig
+    from qsearch.train import TrainResult
 
 WEIGHTS_FILE = "model.pt"
 WEIGHTS_FORMAT = 1
@@ -76,6 +80,17 @@ def repeat_summary(finals: list[dict[str, Any]], keys: list[str]) -> dict[str, A
     return out
 
 
+def train_with_threads(cfg: TrialConfig, threads: int, **kwargs: Any) -> TrainResult:
+    """``qsearch.train.train`` with torch pinned to the trial's CPUs on the calling thread
+    (OpenMP keeps the thread count per thread)."""
+    import torch
+
+    from qsearch.train import train
+
+    torch.set_num_threads(threads)
+    return train(cfg, **kwargs)
+
+
 def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_dir: str,
               objective_keys: list[str], repeats: int = 1) -> None:
     """Tune function trainable (bound with ``tune.with_parameters``).
@@ -96,13 +111,15 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
     from ray import tune
 
     from qsearch.config import parse_trial_config
-    from qsearch.train import resolve_device, train
+    from qsearch.search.training_thread import run_on_training_thread
+    from qsearch.train import resolve_device
     from qsearch.train.checkpoint import atomic_torch_save
 
     job = P.TrialAssignment.from_tune(assignment)
     if job is None:
         raise ValueError("run_trial needs a qsearch TrialAssignment as its config")
-    torch.set_num_threads(max(1, math.floor(cpus)))
+    threads = max(1, math.floor(cpus))
+    torch.set_num_threads(threads)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per epoch checkpoint
 
     def fail(message: str, epochs: int = 0) -> None:
@@ -137,10 +154,14 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
 
         finals: list[dict[str, Any]] = []
         try:
-            result = train(cfg, report=report, checkpoint_dir=local)
+            # On this process's training thread, not Tune's fresh thread of each trial: its
+            # memory stays mapped from trial to trial (see training_thread).
+            result = run_on_training_thread(train_with_threads, cfg, threads, report=report,
+                                            checkpoint_dir=local)
             for k in range(1, repeats):
                 again = cfg.model_copy(update={"seed": cfg.seed + k})
-                other = train(again, checkpoint_dir=local / f"seed-{k}")
+                other = run_on_training_thread(train_with_threads, again, threads,
+                                               checkpoint_dir=local / f"seed-{k}")
                 finals.append(P.scalar_metrics(other.metrics))
         except Exception as e:  # noqa: BLE001 - one clear line reaches the study
             return fail(f"{type(e).__name__}: {e}", epochs=last_epoch)
