@@ -29,6 +29,13 @@
    warm-up call). With Ray 2.60 here, a trial actor never got a worker that had run a task,
    and a ``worker_process_setup_hook`` stopped Ray prestarting workers, so the imports
    could not be done ahead of the trial through public APIs.
+   The last line splits the steady state into a trial's own span (Tune's start to its end as
+   the driver records them, the worker's training inside) and the gap between trials.
+   2026-12-04, three runs each way, alternating (before = ab04f07 via ``PYTHONPATH``): with
+   every trial's training on the worker's one long-lived thread (``search/training_thread.py``)
+   the span fell from 0.45-0.47 to 0.35-0.36 s (direct loop 0.28-0.30 s), the steady-state
+   overhead from 0.19-0.21 to 0.09-0.11 s/trial and all-in from 1.56-1.88 to 1.38-1.62
+   s/trial; the gap between trials stayed 0.03-0.04 s. Both goals stay unmet.
 2. A store holding 10,000 synthetic COMPLETE trials: time the query of their objective
    values plus the front/hypervolume/knee computation (goal: < 0.5 s), and the full
    snapshot write the driver does after each trial.

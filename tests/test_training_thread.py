@@ -5,6 +5,7 @@ Tune stops through ``tune.report``)."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import pytest
@@ -34,7 +35,7 @@ def test_errors_and_system_exit_reach_the_caller_and_the_thread_lives_on():
     with pytest.raises(ValueError, match="bad trial"):
         run_on_training_thread(boom)
     with pytest.raises(SystemExit):  # what tune.report raises in a trial Tune stops
-        run_on_training_thread(lambda: exit(0))
+        run_on_training_thread(sys.exit, 0)
     assert run_on_training_thread(_thread_name) == TRAINING_THREAD
 
 
@@ -77,8 +78,6 @@ def _trial(config: dict) -> None:
 
 
 def test_tune_trials_of_a_reused_actor_train_on_one_thread(ray_session, tmp_path):
-    import sys
-
     from ray import cloudpickle, tune
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not on workers' path
