@@ -12,7 +12,7 @@ import pytest
 
 from qsearch.search.training_thread import THREAD_NAME, run_on_training_thread
 
-TRAINING_THREAD = f"{THREAD_NAME}_0"  # ThreadPoolExecutor's name for its one thread
+TRAINING_THREAD = THREAD_NAME
 
 
 def _thread_name() -> str:
@@ -26,8 +26,11 @@ def test_calls_run_on_one_thread_that_is_not_the_callers():
     other.join(10)
     assert names == [TRAINING_THREAD] * 4
     assert _thread_name() != TRAINING_THREAD
+    # A daemon: a trial stuck on it must not keep the worker process from exiting.
+    assert [t.daemon for t in threading.enumerate() if t.name == TRAINING_THREAD] == [True]
 
 
+@pytest.mark.timeout(60)  # a swallowed SystemExit would leave the caller waiting
 def test_errors_and_system_exit_reach_the_caller_and_the_thread_lives_on():
     def boom() -> None:
         raise ValueError("bad trial")

@@ -21,10 +21,11 @@ runs on the caller's thread instead, as before: a stuck trial can cost speed, ne
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -32,15 +33,27 @@ THREAD_NAME = "qsearch-training"
 
 _busy = threading.Lock()  # held while a call runs on the training thread
 _start = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
+_jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple, dict, Future]] = queue.SimpleQueue()
+_thread: threading.Thread | None = None
 
 
-def _training_executor() -> ThreadPoolExecutor:
-    global _executor
+def _serve() -> None:
+    while True:
+        fn, args, kwargs, done = _jobs.get()
+        try:
+            done.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: it is the caller's to raise
+            done.set_exception(e)
+
+
+def _ensure_thread() -> None:
+    global _thread
     with _start:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
-        return _executor
+        if _thread is None:
+            # A daemon, like Tune's own trial thread: a trial stuck in it never holds up the
+            # worker process's exit.
+            _thread = threading.Thread(target=_serve, name=THREAD_NAME, daemon=True)
+            _thread.start()
 
 
 def run_on_training_thread(fn: Callable[..., T], /, *args: object, **kwargs: object) -> T:
@@ -49,6 +62,9 @@ def run_on_training_thread(fn: Callable[..., T], /, *args: object, **kwargs: obj
     if not _busy.acquire(blocking=False):
         return fn(*args, **kwargs)
     try:
-        return _training_executor().submit(fn, *args, **kwargs).result()
+        _ensure_thread()
+        done: Future = Future()
+        _jobs.put((fn, args, kwargs, done))
+        return done.result()
     finally:
         _busy.release()
