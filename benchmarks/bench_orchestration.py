@@ -107,7 +107,8 @@ def bench_overhead(n: int, workdir: Path) -> None:
     print(f"steady state (median gap between trial ends): {steady:.2f} s/trial -> overhead "
           f"{steady - direct / n:.2f} s/trial, ratio {steady / (direct / n):.2f}x; "
           f"first trial incl. worker start-up: {study - sum(gaps):.2f} s")
-    print(f"  of the steady state: a trial's own span (median, after the first) {span:.2f} s "
+    print(f"  of the steady state (measured): a trial's own span (median, after the first) "
+          f"{span:.2f} s "
           f"vs {direct / n:.2f} s direct; between trials {steady - span:.2f} s")
 
 

@@ -10,9 +10,8 @@ import threading
 
 import pytest
 
-from qsearch.search.training_thread import THREAD_NAME, run_on_training_thread
-
-TRAINING_THREAD = THREAD_NAME
+from qsearch.search.training_thread import THREAD_NAME as TRAINING_THREAD
+from qsearch.search.training_thread import run_on_training_thread
 
 
 def _thread_name() -> str:

@@ -107,7 +107,6 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
     final report carries the mean over seeds, each seed's objective values and their spread,
     and the first seed's weights.
     """
-    import torch
     from ray import tune
 
     from qsearch.config import parse_trial_config
@@ -118,8 +117,7 @@ def run_trial(assignment: dict[str, Any], *, study: str, cpus: float, artifacts_
     job = P.TrialAssignment.from_tune(assignment)
     if job is None:
         raise ValueError("run_trial needs a qsearch TrialAssignment as its config")
-    threads = max(1, math.floor(cpus))
-    torch.set_num_threads(threads)
+    threads = max(1, math.floor(cpus))  # torch's, set where the training runs
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per epoch checkpoint
 
     def fail(message: str, epochs: int = 0) -> None:
