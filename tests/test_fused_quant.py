@@ -203,7 +203,7 @@ def test_sr_kernel_matches_reference_given_the_noise(bits, keep, shape):
     x[0] = x[0].abs()  # a one-signed row too
     seeds = torch.tensor([12345, -678], dtype=torch.int32)
     n = torch.tensor(float(2**bits - 1))
-    got = fused.sr_quantize_kernel(fused.as_3d(x, keep), seeds, n).view(x.shape)
+    got = fused.sr_quantize_fused(fused.as_3d(x, keep), seeds, n).view(x.shape)
     want = _ref_sr(x, bits, keep, _noise_for(x, keep, seeds))
     assert torch.equal(got, want)
     assert torch.equal(got[x == 0], torch.zeros_like(got[x == 0]))
