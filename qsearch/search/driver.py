@@ -34,7 +34,6 @@ from typing import Any
 import optuna
 import yaml
 from optuna.trial import TrialState
-from ray.tune import Stopper
 from sqlalchemy.engine import make_url
 
 from qsearch import protocol as P
@@ -156,14 +155,32 @@ def _trials_left_in_store(store: Store, study_id: int, budget: int) -> bool:
     return done < budget
 
 
+def import_tune_side() -> None:
+    """Import the modules a study needs once Ray is up: Ray Tune (with its pandas and Ray
+    Data, about a second) and qsearch's searcher, callback, stopper, display and trainable.
+    :func:`launch` imports them itself; :func:`storage_while_ray_starts` calls this on its
+    second thread so the imports overlap Ray's start-up, which mostly waits on Ray's own
+    processes. Importing a module twice is a no-op, and Python's per-module import locks
+    make the two threads safe."""
+    import importlib
+
+    for name in ("ray.tune", "qsearch.search.callback", "qsearch.search.display",
+                 "qsearch.search.searcher", "qsearch.search.stopper",
+                 "qsearch.search.trainable", "qsearch.search.preflight",
+                 "qsearch.search.pareto_rungs"):
+        importlib.import_module(name)
+
+
 def storage_while_ray_starts(store: Store, spec: StudySpec, study_id: int,
                              ray_address: str | None, num_cpus: int | None
                              ) -> tuple[optuna.storages.BaseStorage, StorageError | None]:
     """``optuna_storage(store)`` (opening Optuna's tables takes about a second), with Ray's
     start-up overlapping it when the store says trials are left and Ray is not up yet:
     ``init_ray`` runs on this thread (Ray's signal handlers and child processes belong to the
-    main thread), the storage is opened on another. Returns the storage and the error Ray's
-    start raised, if any: it matters only if trials are left to run."""
+    main thread); the storage is opened on another, which then imports the Ray Tune side of
+    the driver (:func:`import_tune_side`, about a second more) while Ray is still starting.
+    Returns the storage and the error Ray's start raised, if any: it matters only if trials
+    are left to run."""
     import ray
 
     if ray.is_initialized() or not _trials_left_in_store(store, study_id,
@@ -171,8 +188,13 @@ def storage_while_ray_starts(store: Store, spec: StudySpec, study_id: int,
         return optuna_storage(store), None
     from concurrent.futures import ThreadPoolExecutor
 
+    def open_then_import() -> optuna.storages.BaseStorage:
+        storage = optuna_storage(store)
+        import_tune_side()
+        return storage
+
     with ThreadPoolExecutor(1, thread_name_prefix="qsearch-optuna-storage") as pool:
-        opening = pool.submit(optuna_storage, store)
+        opening = pool.submit(open_then_import)
         ray_error = None
         try:
             init_ray(ray_address, num_cpus)
@@ -250,25 +272,6 @@ class Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-class LeaseStopper(Stopper):
-    """Tune stopper that ends the experiment when the heartbeat lost the lease or the user
-    pressed Ctrl-C."""
-
-    def __init__(self, heartbeat: Heartbeat | None, interrupt: Interrupt | None = None):
-        self.heartbeat = heartbeat
-        self.interrupt = interrupt
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        return bool((self.heartbeat and self.heartbeat.lost)
-                    or (self.interrupt and self.interrupt.requested))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"heartbeat": None, "interrupt": None}  # Tune pickles its config
-
-
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
         out: dict[str, Any] = {}
@@ -330,15 +333,8 @@ def _open_study(spec: StudySpec, store: Store) -> tuple[StudyRecord, StudySpec]:
 def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | None = None,
            display: bool = True, console: Any = None) -> LaunchResult:
     """Run or resume ``spec`` until ``budget.num_trials`` trials have finished."""
-    from ray import tune
-
-    from qsearch.search.callback import StoreCallback
-    from qsearch.search.display import LiveDisplay
     from qsearch.search.expand import expand_search_space
     from qsearch.search.known import known_values
-    from qsearch.search.preflight import check_cluster
-    from qsearch.search.searcher import StudySearcher
-    from qsearch.search.trainable import run_trial
 
     t0 = time.perf_counter()
     _check_storage_url(spec)
@@ -382,6 +378,16 @@ def launch(spec: StudySpec, *, ray_address: str | None = None, num_cpus: int | N
         if ray_error is not None:
             raise ray_error
         init_ray(ray_address, num_cpus)  # a no-op when Ray started above
+        # Imported above on the storage thread while Ray started (when it started there).
+        from ray import tune
+
+        from qsearch.search.callback import StoreCallback
+        from qsearch.search.display import LiveDisplay
+        from qsearch.search.preflight import check_cluster
+        from qsearch.search.searcher import StudySearcher
+        from qsearch.search.stopper import LeaseStopper
+        from qsearch.search.trainable import run_trial
+
         check_cluster(spec)  # what a trial asks for against the nodes (waits if autoscaling)
         # Layer patterns (layers.*.w_bits) become one dimension per layer of the model.
         run_spec = with_absolute_cache(expand_search_space(spec))
