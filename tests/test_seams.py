@@ -193,6 +193,23 @@ def test_help_does_not_import_torch() -> None:
     assert _run(code).splitlines()[-1] == "0 False False"
 
 
+def test_driver_imports_ray_tune_only_while_ray_starts() -> None:
+    """Importing the driver leaves Ray Tune (about a second) to ``import_tune_side``, which
+    the driver runs on its storage thread while Ray starts; that call brings in every module
+    ``launch`` then imports, so none of them is imported after Ray is up."""
+    code = (
+        "import sys\n"
+        "import qsearch.search.driver as d\n"
+        "before = 'ray.tune' in sys.modules\n"
+        "d.import_tune_side()\n"
+        "need = ('ray.tune', 'qsearch.search.callback', 'qsearch.search.searcher', "
+        "'qsearch.search.stopper', 'qsearch.search.trainable', 'qsearch.search.display', "
+        "'qsearch.search.preflight')\n"
+        "print(before, [m for m in need if m not in sys.modules])\n"
+    )
+    assert _run(code).splitlines()[-1] == "False []"
+
+
 # --------------------------------------------------------------------------- privates
 
 PRIVATE = ("._ot_", "._storage", "._trial_id", "typer._click", "._study_id")
