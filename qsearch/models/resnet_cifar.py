@@ -1,4 +1,11 @@
-"""CIFAR ResNet-20 (He et al. 2016, option A shortcuts: 0.27M parameters)."""
+"""CIFAR ResNet-20 (He et al. 2016, option A shortcuts: 0.27M parameters).
+
+The blocks pass *pre-activation* tensors: a block's output is ``bn2(...) + shortcut`` and the
+next block (or the head) applies the ReLU. The same function as the paper's
+``relu(bn2(...) + shortcut)`` per block, with the same parameters; written this way, each ReLU
+sits next to the convolution that reads it, so :func:`~qsearch.quant.relu_lsq.relu_quantize`
+can fuse it with that convolution's input quantizer once the model is quantized.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsearch.models.registry import ModelSplit, check_granularity, register_model, sequential_split
+from qsearch.quant.relu_lsq import relu_quantize
 
 
 class BasicBlock(nn.Module):
@@ -24,10 +32,11 @@ class BasicBlock(nn.Module):
             x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return x
 
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+    def forward(self, y):
+        """``y``: the block input before its ReLU; returns the output before the next one."""
+        r, x = relu_quantize(y, self.conv1)  # r = relu(y) for the shortcut, x for conv1
+        _, h = relu_quantize(self.bn1(self.conv1(x)), self.conv2, need_relu=False)
+        return self.bn2(self.conv2(h)) + self.shortcut(r)
 
 
 class ResNetCifar(nn.Module):
@@ -46,22 +55,23 @@ class ResNetCifar(nn.Module):
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+        y = self.layer3(self.layer2(self.layer1(self.bn1(self.conv1(x)))))
+        return self.fc(F.adaptive_avg_pool2d(F.relu(y), 1).flatten(1))
 
 
 def split_resnet_cifar(model: nn.Module, granularity: str) -> ModelSplit:
-    """Stages layer1..3, or every BasicBlock; the stem joins the first block."""
+    """Stages layer1..3, or every BasicBlock; the stem joins the first block. The block
+    outputs are pre-activation (the next block applies the ReLU), so the head starts with it."""
     check_granularity(granularity)
-    stem: list = ["conv1", "bn1", nn.ReLU()]
+    stem: list = ["conv1", "bn1"]
     if granularity == "stage":
         taps = ["layer1", "layer2", "layer3"]
     else:
         taps = [f"layer{s}.{j}" for s in (1, 2, 3)
                 for j in range(len(model.get_submodule(f"layer{s}")))]
     groups = [[*stem, taps[0]]] + [[t] for t in taps[1:]]
-    return sequential_split(model, groups, [nn.AdaptiveAvgPool2d(1), nn.Flatten(1), "fc"])
+    return sequential_split(model, groups,
+                            [nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), "fc"])
 
 
 @register_model("resnet20", description="CIFAR ResNet-20, 0.27M params", input_hint="3x32x32",

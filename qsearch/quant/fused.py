@@ -249,6 +249,53 @@ lsq_backward_s = FusedKernel(lsq_backward_s_math, "lsq_backward_s")
 lsq_backward_v = FusedKernel(lsq_backward_v_math, "lsq_backward_v")
 
 
+# ----------------------------------------------------------------------------- ReLU + LSQ
+#
+# A ReLU whose output an unsigned LSQ quantizer reads (``q = LSQ(relu(y))``), as one kernel
+# each way (:mod:`qsearch.quant.relu_lsq`). The operations are the reference's, in its order
+# (``relu``, then ``* (1/s)``, clamp, round, ``* s``), so the values are bit-identical to
+# ``F.relu`` followed by :func:`lsq_forward_math`; the backward gives ``dL/dy`` of the pair
+# (ReLU's mask times the sum of the ReLU output's own gradient and the straight-through one)
+# and the LSQ step gradient.
+
+
+def relu_lsq_forward_math(y: torch.Tensor, s: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(relu(y), LSQ(relu(y)))``: the ReLU output for its other readers (a residual
+    shortcut) and the quantized input of the next layer, written in one pass over ``y``."""
+    r = torch.relu(y)
+    return r, lsq_forward_math(r, s, qn, qp)
+
+
+def relu_lsq_forward_q_math(y: torch.Tensor, s: torch.Tensor, qn: torch.Tensor,
+                            qp: torch.Tensor) -> torch.Tensor:
+    """``LSQ(relu(y))`` alone, when nothing else reads the ReLU output."""
+    return lsq_forward_math(torch.relu(y), s, qn, qp)
+
+
+def relu_lsq_backward_math(grad_r: torch.Tensor, grad_q: torch.Tensor, y: torch.Tensor,
+                           s: torch.Tensor, qn: torch.Tensor, qp: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dy, unscaled dL/ds) of ``(relu(y), LSQ(relu(y)))`` given the gradients of both
+    outputs: ``(grad_r + grad_q * inside) * (y > 0)``, and LSQ's step gradient."""
+    grad_v, grad_s = lsq_backward_math(grad_q, torch.relu(y), s, qn, qp)
+    return torch.where(y > 0, grad_r + grad_v, torch.zeros_like(grad_r)), grad_s
+
+
+def relu_lsq_backward_q_math(grad_q: torch.Tensor, y: torch.Tensor, s: torch.Tensor,
+                             qn: torch.Tensor, qp: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dy, unscaled dL/ds) of ``LSQ(relu(y))``."""
+    grad_v, grad_s = lsq_backward_math(grad_q, torch.relu(y), s, qn, qp)
+    return torch.where(y > 0, grad_v, torch.zeros_like(grad_v)), grad_s
+
+
+relu_lsq_forward = FusedKernel(relu_lsq_forward_math, "relu_lsq_forward")
+relu_lsq_forward_q = FusedKernel(relu_lsq_forward_q_math, "relu_lsq_forward_q")
+relu_lsq_backward = FusedKernel(relu_lsq_backward_math, "relu_lsq_backward")
+relu_lsq_backward_q = FusedKernel(relu_lsq_backward_q_math, "relu_lsq_backward_q")
+
+
 # ----------------------------------------------------------------------------- SR gradients
 
 

@@ -20,6 +20,7 @@ order), fewer passes, and no mask or derivative tensors kept between forward and
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -154,10 +155,19 @@ class LSQQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self._mirror_buffers()
 
+    #: The tensor :func:`~qsearch.quant.relu_lsq.relu_quantize` quantized for this quantizer
+    #: (a weak reference, so it never keeps an activation alive).
+    _pass_through: weakref.ref | None = None
+
     def _mirror_buffers(self) -> None:
         self._bits = int(self.bits_buf)
         self._sign = int(self.signed_buf)
         self._initialized = bool(self.initialized)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_pass_through", None)  # a weak reference does not pickle
+        return state
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
@@ -174,6 +184,17 @@ class LSQQuantizer(nn.Module):
     @property
     def signed(self) -> bool:
         return self._sign == 1
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the step has been initialised (activations: by the first training batch)."""
+        return self._initialized
+
+    def pass_through_next(self, quantized: torch.Tensor) -> None:
+        """Let the next call with exactly this tensor return it unchanged: it is already this
+        quantizer's output, computed by a fused kernel together with the ReLU before it
+        (:mod:`qsearch.quant.relu_lsq`). Any other tensor is quantized as usual."""
+        self._pass_through = weakref.ref(quantized)
 
     def set_bits(self, bits: int) -> None:
         self.bits_buf.fill_(int(bits))
@@ -201,6 +222,10 @@ class LSQQuantizer(nn.Module):
         return 1.0 / math.sqrt(n * qp)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if self._pass_through is not None:
+            done, self._pass_through = self._pass_through(), None
+            if done is v:
+                return v
         if not self.enabled:
             return v
         if self.training and not self._initialized:
