@@ -169,3 +169,22 @@ def test_quantized_resnet_trains_the_same_with_and_without_the_fused_kernels(mon
             tol = 1e-4 * float(ge.abs().max()) + 1e-7
             assert float((gf - ge).abs().max()) <= tol, n
     assert math.isfinite(loss_f)
+
+
+def test_downsampling_shortcut_is_the_strided_slice_and_keeps_the_layout():
+    """Option A's shortcut (subsample, zero-pad the channels) as a 1x1 max-pool: the values
+    and gradient of ``x[:, :, ::2, ::2]`` padded, with a channels-last gradient returned
+    channels-last (a strided slice's backward returns NCHW)."""
+    from qsearch.models.resnet_cifar import BasicBlock
+
+    block = BasicBlock(16, 32, 2)
+    x0 = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(4, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    x, xr = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    out = block.shortcut(x)
+    ref = F.pad(xr[:, :, ::2, ::2], (0, 0, 0, 0, 8, 8))
+    assert torch.equal(out, ref)
+    (gx,) = torch.autograd.grad(out, x, g)
+    (gr,) = torch.autograd.grad(ref, xr, g)
+    assert torch.equal(gx, gr)
+    assert gx.is_contiguous(memory_format=torch.channels_last)

@@ -28,7 +28,10 @@ class BasicBlock(nn.Module):
 
     def shortcut(self, x):
         if self.stride != 1 or self.pad:
-            x = x[:, :, :: self.stride, :: self.stride]
+            # x[:, :, ::stride, ::stride], as a 1x1 max-pool: the same values and gradient, but
+            # its backward keeps a channels-last gradient channels-last (a strided slice's
+            # backward writes a fresh NCHW tensor, which the next kernel must reorder).
+            x = F.max_pool2d(x, 1, self.stride)
             x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return x
 
