@@ -5,7 +5,8 @@ zero_grad + forward + cross-entropy + backward + step. Variants:
 
 - fp32: the float model; fp32-cl: the same in channels-last memory layout;
 - qsearch: W4A4 LSQ via ``qsearch.quant.convert`` (first/last layer 8-bit), with the fused
-  (compiled) LSQ kernels of ``qsearch.quant.fused``; qsearch-cl: the same in channels-last,
+  (compiled) LSQ kernels of ``qsearch.quant.fused``, the ReLUs fused into the quantizers that
+  read them (``qsearch.quant.relu_lsq``); qsearch-cl: the same in channels-last,
   which is what the trainer runs on CPU (``qsearch.train.layout``);
 - qsearch-eager: the same model with the eager LSQ (``QSEARCH_NO_COMPILE=1`` around its steps);
 - torch.ao: ``prepare_qat_fx`` with the default x86 QAT qconfig (8-bit fake-quant observers);

@@ -1,5 +1,6 @@
-"""Fused fake-quantization kernels: LSQ forward/backward and the stochastic-rounding gradient
-quantizer as ``torch.compile``-d functions, with an eager fallback.
+"""Fused fake-quantization kernels: LSQ forward/backward, a ReLU with the LSQ quantizer that
+reads it, and the stochastic-rounding gradient quantizer as ``torch.compile``-d functions,
+with an eager fallback.
 
 Why: the eager quantizers are chains of elementwise passes (LSQ forward: scale, clamp, mask,
 round, step derivative, rescale; SR: min/max, grid, noise, scale, floor, clamp, rescale), each
