@@ -24,6 +24,10 @@ Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.p
 0.72-0.76 at 90%; time/FLOPs (median over rounds) 0.05-0.42 at 50% and 0.30-0.59 at 90%;
 goal >= 0.5 not met at 50%. With the compiled kernels (no QSEARCH_NO_COMPILE), one run each:
 time/FLOPs -0.09 / 0.34 (nchw) and 0.03 / 0.40 (channels-last). See METHODS.md §2.
+2026-12-05, Intel Xeon, ``--threads 1 --clock cpu --layout channels-last``, compiled kernels:
+before the fused ReLU + LSQ quantizer, backward 267.8 ms at 0%, time/FLOPs 0.07 (-0.42..0.40)
+at 50% and 0.28 (0.17..0.53) at 90%; after it, backward 223.1 ms, time/FLOPs 0.20 (0.06..0.39)
+and 0.38 (0.20..0.48): a cheaper elementwise backward makes dW a larger share of the time.
 """
 
 from __future__ import annotations
