@@ -240,6 +240,17 @@ def lsq_backward_v_math(grad: torch.Tensor, v: torch.Tensor, s: torch.Tensor, qn
     return torch.where(torch.clamp(vs, qn, qp) == vs, grad, torch.zeros_like(grad))
 
 
+def lsq_step_derivative_math(v: torch.Tensor, s: torch.Tensor, qn: torch.Tensor,
+                             qp: torch.Tensor) -> torch.Tensor:
+    """``d(v_hat)/ds`` per element, unscaled: ``round(v/s) - v/s`` inside the range, the
+    clamped level outside (what :func:`lsq_backward_math` multiplies the gradient by)."""
+    s0 = s.reshape(())
+    vs = v * torch.reciprocal(s0)
+    q = torch.clamp(vs, qn, qp)
+    rq = torch.round(q)
+    return torch.where(q == vs, rq - vs, rq)
+
+
 #: Below this many elements the eager LSQ is faster than a compiled call (whose dispatch and
 #: guards cost ~20-30 us on CPU): most weight tensors.
 LSQ_MIN_NUMEL = 1 << 16
@@ -248,6 +259,7 @@ lsq_forward = FusedKernel(lsq_forward_math, "lsq_forward")
 lsq_backward = FusedKernel(lsq_backward_math, "lsq_backward")
 lsq_backward_s = FusedKernel(lsq_backward_s_math, "lsq_backward_s")
 lsq_backward_v = FusedKernel(lsq_backward_v_math, "lsq_backward_v")
+lsq_step_derivative = FusedKernel(lsq_step_derivative_math, "lsq_step_derivative")
 
 
 # ----------------------------------------------------------------------------- ReLU + LSQ

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qsearch.quant import functional
+from qsearch.quant import functional, input_step
 from qsearch.quant.functional import BackwardOptions
 from qsearch.quant.lsq import LSQQuantizer
 
@@ -84,6 +84,10 @@ class QConv2d(nn.Conv2d, QuantLayer):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if input_step.applies(x, self.a_quant, self.training, self.backward.active):
+            # Data in (the first layer): the step gradient without the input gradient.
+            return input_step.conv2d(x, self.a_quant, self.quantized_weight(), self.bias,
+                                     self.stride, self.padding, self.dilation, self.groups)
         x = self.a_quant(x)
         w = self.quantized_weight()
         return functional.conv2d(
