@@ -160,8 +160,8 @@ def import_tune_side() -> None:
     Data, about a second) and qsearch's searcher, callback, stopper, display and trainable.
     :func:`launch` imports them itself; :func:`storage_while_ray_starts` calls this on its
     second thread so the imports overlap Ray's start-up, which mostly waits on Ray's own
-    processes. Importing a module twice is a no-op, and Python's per-module import locks
-    make the two threads safe."""
+    processes. A module both threads need is imported once (Python's per-module import
+    locks); importing it again afterwards is a no-op."""
     import importlib
 
     for name in ("ray.tune", "qsearch.search.callback", "qsearch.search.display",
