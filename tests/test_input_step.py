@@ -73,3 +73,19 @@ def test_plain_path_where_the_step_is_frozen_or_in_evaluation():
     q.train()
     assert torch.equal(q(x).detach(), F.conv2d(q.a_quant(x), q.quantized_weight(), None, 1, 1)
                        .detach())
+
+
+def test_a_trial_that_does_not_compile_compiles_nothing_here():
+    """Inside a trial its trainer judged too small to compile, the backward's step derivative
+    runs eagerly too (a compilation would cost the trial seconds)."""
+    from qsearch.quant import fused
+
+    fused.lsq_step_derivative.reset()
+    q = _layer(1, False, False)
+    x = torch.randn(16, 3, 64, 64)  # above the size where the kernel would compile
+    q(x)
+    with fused.trial_kernels() as choice:
+        choice.compiled = False
+        q(x).sum().backward()
+    assert fused.lsq_step_derivative.compiled_variants == 0
+    assert q.a_quant.step.grad is not None

@@ -440,7 +440,7 @@ def as_3d(g: torch.Tensor, keep: int | None) -> torch.Tensor:
 # recomputes the grid (four divisions, a rounding and a dozen min/max) from the reduction's
 # outputs inside every vector iteration of the rounding loop, because it cannot prove that
 # the loop's stores leave them unchanged. Computing the grid in its own small kernel made the
-# quantizer 1.76 -> 1.27 ms on a 1M-element gradient (one thread), with identical values.
+# quantizer 1.76 -> 1.27 ms (measured) on a 1M-element gradient, one thread, identical values.
 sr_grid_kernel = FusedKernel(sr_grid_math, "sr_grid")
 # Eager ``addcmul`` is one fused multiply-add (a single rounding), so the compiled kernel may
 # contract ``u + g * (1/s)`` the same way to round identically.

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from qsearch.quant import flops, fused
 from qsearch.quant.functional import _pair, _record_backward
 from qsearch.quant.lsq import LSQQuantizer, lsq_quantize
-from qsearch.quant.memory_order import flat, memory_order
+from qsearch.quant.memory_order import flat, memory_order, unflat
 
 
 class _InputStepConv2d(torch.autograd.Function):
@@ -56,8 +56,15 @@ class _InputStepConv2d(torch.autograd.Function):
         if need_s:
             lo, hi = fused.bounds(qn, qp, v)
             order = memory_order(v)
-            d = fused.run_or_eager(fused.lsq_step_derivative, flat(v, order), s, lo, hi)
-            d = d.as_strided(v.shape, v.stride()) if order is not None else d.view(v.shape)
+            args = (flat(v, order), s, lo, hi)
+            kernel = fused.lsq_step_derivative
+            # Compiled only where the forward's quantizer would be (a large input, and a trial
+            # that compiles): otherwise a small trial would pay a compilation here.
+            if v.numel() >= fused.LSQ_MIN_NUMEL and kernel.usable(v):
+                d = fused.run_or_eager(kernel, *args)
+            else:
+                d = kernel.fn(*args)
+            d = unflat(d, v, order)
             z = F.conv2d(d, w, None, stride, padding, dilation, groups)
             z_order = memory_order(z)
             if z_order is not None and z_order == memory_order(gy):
