@@ -44,7 +44,7 @@ from qsearch.cost import count_macs
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.quant.flops import FlopMeter, FlopTotals
-from qsearch.quant.functional import _conv_weight_grad
+from qsearch.quant.functional import _conv_weight_grad, gathered_dw_rows
 
 #: wall time by default; ``--clock cpu`` (process CPU time) leaves out time the process waits
 #: while other jobs hold the cores, the main noise on a shared machine.
@@ -105,12 +105,14 @@ def capture_dw_inputs(model, qlayers, x, y) -> dict[str, tuple[torch.Tensor, tor
 
 
 def time_dw(qlayers, captured) -> float:
-    """Time of all layers' weight-gradient GEMMs, honouring ``dw_channels``."""
+    """Time of all layers' weight-gradient GEMMs, honouring ``dw_channels`` as the backward
+    does (a layer whose full GEMM is cheaper than gathering its rows runs it in full)."""
     t0 = CLOCK()
     for name, q in qlayers.items():
         xi, g = captured[name]
         ch = q.backward.dw_channels
         if isinstance(q, torch.nn.Conv2d):
+            ch = gathered_dw_rows(ch, q.weight, q.groups, g)
             _conv_weight_grad(xi, q.weight, g, q.stride, q.padding, q.dilation, q.groups, ch)
         elif ch is None:
             g.t() @ xi

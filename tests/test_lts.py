@@ -156,10 +156,52 @@ def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows, layout
     y.backward(gy)
     full = w.grad.clone()
     keep = torch.randperm(16)[:rows].sort().values
+    # The gathered routine itself: through conv2d, convs with a fan-in this small compute
+    # their dW in full on CPU (test_small_fan_in_and_channels_last_depthwise_compute_dw_in_full).
+    got = functional._conv_weight_grad(x, w, gy, 1, padding, 1, 1, keep)
+    torch.testing.assert_close(got[keep], full[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["stem", "depthwise-cl", "depthwise-nchw", "wide"])
+def test_small_fan_in_and_channels_last_depthwise_compute_dw_in_full(case):
+    """On CPU, frozen rows are gathered out of the dW GEMM only where that is cheaper: not for
+    an ungrouped conv with a fan-in under GATHER_MIN_FAN_IN (a 3-channel stem) nor for a
+    channels-last depthwise conv, which run the full GEMM and zero the frozen rows. The
+    gradient is the same either way; the FLOP meter and FlopCounterMode must both see the GEMM
+    that really ran. Fails when the rule is dropped (the meter and FlopCounterMode then count
+    only the kept rows for the stem) or when the full GEMM's frozen rows are not zeroed."""
+    from qsearch.quant.flops import FlopMeter, FlopTotals
+
+    torch.manual_seed(0)
+    cin, cout, groups, layout = {
+        "stem": (3, 16, 1, torch.channels_last),
+        "depthwise-cl": (16, 16, 16, torch.channels_last),
+        "depthwise-nchw": (16, 16, 16, torch.contiguous_format),
+        "wide": (16, 16, 1, torch.channels_last),  # fan-in 144: gathered
+    }[case]
+    x = torch.randn(4, cin, 8, 8).contiguous(memory_format=layout)
+    w = torch.randn(cout, cin // groups, 3, 3).contiguous(memory_format=layout)
+    w.requires_grad_(True)
+    gy = torch.randn(4, cout, 8, 8).contiguous(memory_format=layout)
+    torch.nn.functional.conv2d(x, w, None, 1, 1, 1, groups).backward(gy)
+    full = w.grad.clone()
+    keep = torch.tensor([0, 3, 4, 9])
     w.grad = None
-    functional.conv2d(x, w, None, 1, padding, 1, 1,
-                      BackwardOptions(dw_channels=keep)).backward(gy)
+    totals = FlopTotals()
+    with FlopMeter(totals), FlopCounterMode(display=False) as fc:
+        functional.conv2d(x, w, None, 1, 1, 1, groups,
+                          BackwardOptions(dw_channels=keep)).backward(gy)
     torch.testing.assert_close(w.grad[keep], full[keep], rtol=1e-5, atol=1e-5)
+    frozen = torch.ones(cout, dtype=torch.bool)
+    frozen[keep] = False
+    assert bool((w.grad[frozen] == 0).all())
+    in_full = case in ("stem", "depthwise-cl")
+    assert (functional.gathered_dw_rows(keep, w, groups, gy) is None) == in_full
+    dense_dw = 2 * gy.numel() * w[0].numel()
+    assert totals.dw == (dense_dw if in_full else dense_dw * keep.numel() // cout)
+    if groups == 1:  # FlopCounterMode ignores groups in a conv's backward (see flops.py)
+        fwd = 2 * gy.numel() * w[0].numel()
+        assert fc.get_total_flops() == fwd + totals.dw
 
 
 def test_dw_channels_linear():

@@ -72,15 +72,18 @@ class _CustomConv2d(torch.autograd.Function):
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         gx = gw = gb = None
         need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
-        _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, opts.dw_channels,
-                         w.shape[0], groups, w.shape[1])
         if opts.int8 is not None and opts.int8.usable(x, groups):
+            _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, opts.dw_channels,
+                             w.shape[0], groups, w.shape[1])
             gx, gw, gb = opts.int8.conv(
                 x, w, gy, stride, padding, dilation, ctx.needs_input_grad[0],
                 ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2], opts.dw_channels)
             return gx, gw, gb, None, None, None, None, None
+        rows = gathered_dw_rows(opts.dw_channels, w, groups, gy)
+        _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, rows, w.shape[0],
+                         groups, w.shape[1])
         g_dx, g = _transformed(opts, gy, ctx.needs_input_grad[0], need_dw)
-        if g is not None and g_dx is g and opts.dw_channels is None:
+        if g is not None and g_dx is g and rows is None:
             # One dY for all three gradients: a single fused call, as plain autograd makes.
             mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                     has_bias and ctx.needs_input_grad[2]]
@@ -88,6 +91,8 @@ class _CustomConv2d(torch.autograd.Function):
                 g, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False,
                 [0, 0], groups, mask,
             )
+            if gw is not None:
+                gw = _zero_other_rows(gw, opts.dw_channels)
             return gx, gw, gb, None, None, None, None, None
         if ctx.needs_input_grad[0]:
             # aten directly on the saved tensors (torch.nn.grad.conv2d_input passes an expanded
@@ -97,7 +102,11 @@ class _CustomConv2d(torch.autograd.Function):
                 [True, False, False],
             )[0]
         if ctx.needs_input_grad[1]:
-            gw = _conv_weight_grad(x, w, g, stride, padding, dilation, groups, opts.dw_channels)
+            if rows is None:  # the full GEMM (cheaper here than gathering), frozen rows zeroed
+                gw = _zero_other_rows(_conv_weight_grad(x, w, g, stride, padding, dilation,
+                                                        groups, None), opts.dw_channels)
+            else:
+                gw = _conv_weight_grad(x, w, g, stride, padding, dilation, groups, rows)
         if has_bias and ctx.needs_input_grad[2]:
             # aten's own bias reduction: bit-identical to plain autograd (g.sum differs in
             # summation order).
@@ -147,12 +156,50 @@ def _gather_channels(g: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """``g.index_select(1, channels)``, in ``g``'s layout. A channels-last ``g`` is an
     ``(N*H*W, C)`` matrix in memory: gathering its columns there gives the channels-last result
     directly, 2.6x faster than ``index_select`` on the 4-D tensor (1.2 vs 3.2 ms for half of a
-    128x16x32x32 gradient), which also returns NCHW for the next kernel to reorder."""
+    128x16x32x32 gradient), which also returns NCHW for the next kernel to reorder. (A GEMM
+    with a 0/1 selection matrix picks the columns faster still on CPU, 0.9 ms there, but its
+    multiply-adds would be executed FLOPs: frozen channels would no longer cut the executed dW
+    by exactly their share.)"""
     if is_channels_last(g):
         n, c, h, w = g.shape
         rows = g.permute(NHWC).reshape(-1, c).index_select(1, channels)
         return rows.view(n, h, w, -1).permute(0, 3, 1, 2)
     return g.index_select(1, channels)
+
+
+#: Ungrouped convs with a smaller fan-in (``Cin * kh * kw``) compute their whole weight gradient
+#: on CPU even with frozen rows: a dW row then costs less than gathering that row's share of
+#: dY, which reads the whole gradient. ResNet-20's stem (3x3x3 = 27), one thread,
+#: channels-last, batch 128: dW 0.68 ms in full; gathered, 1.34 ms for half of the rows and
+#: 0.88 ms for a tenth (measured 2026-12-05). Its 3x3 convs (fan-in 144 and up) gain.
+GATHER_MIN_FAN_IN = 64
+
+
+def gathered_dw_rows(channels: torch.Tensor | None, w: torch.Tensor, groups: int,
+                     g: torch.Tensor) -> torch.Tensor | None:
+    """The dW rows a conv's backward computes on their own (``channels``), or None when the
+    full weight-gradient GEMM is cheaper and runs instead (its frozen rows are then zeroed, and
+    the FLOP meter counts the full GEMM: what really ran). The full GEMM wins on CPU for
+    ungrouped convs with a fan-in under :data:`GATHER_MIN_FAN_IN` and for channels-last
+    depthwise convs, whose gathered form (a depthwise conv over gathered input and gradient
+    channels) took 5.2 ms for half of a 128x96x16x16 layer's rows against 1.1 ms in full; in
+    NCHW it is the other way round (2.2 vs 7.3 ms), and on CUDA the rows are always gathered."""
+    if channels is None or g.device.type != "cpu":
+        return channels
+    if groups == 1 and w[0].numel() < GATHER_MIN_FAN_IN:
+        return None
+    if groups == w.shape[0] and w.shape[1] == 1 and is_channels_last(g):
+        return None
+    return channels
+
+
+def _zero_other_rows(gw: torch.Tensor, channels: torch.Tensor | None) -> torch.Tensor:
+    """``gw`` with every row not in ``channels`` set to exactly zero (None: all kept)."""
+    if channels is None:
+        return gw
+    keep = torch.zeros(gw.shape[0], dtype=torch.bool, device=gw.device)
+    keep[channels] = True
+    return gw.masked_fill_(~keep.view(-1, *([1] * (gw.dim() - 1))), 0.0)
 
 
 def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
