@@ -86,7 +86,8 @@ def dw_rows(channels: torch.Tensor | None, out_channels: int, groups: int = 1,
     """Output channels whose weight gradient the custom backward computes (METHODS.md §2):
     all of them without ``dw_channels``; only the listed ones for ungrouped and depthwise
     convs and for linears; all of them for other grouped convs (computed in full, then the
-    listed rows are kept)."""
+    listed rows are kept). A conv whose full GEMM is cheaper than gathering its rows passes
+    None (:func:`qsearch.quant.functional.gathered_dw_rows`): it runs, and is counted, in full."""
     if channels is None:
         return out_channels
     if groups == 1 or (groups == out_channels and in_per_group == 1):
