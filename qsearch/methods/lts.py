@@ -24,7 +24,9 @@ figures are therefore reported side by side:
 * ``flops_saved_executed``: the dW FLOPs that really did not run (measured by the trainer's
   FLOP meter, :mod:`qsearch.quant.flops`) over the same dense backward. This is what
   ``backward_flops`` sees. With ``granularity: channel`` the two agree (up to grouped convs,
-  whose dW is computed in full); with ``element`` the executed one is usually far smaller.
+  and on CPU small-fan-in and channels-last depthwise convs, whose dW is computed in full:
+  :func:`qsearch.quant.functional.gathered_dw_rows`); with ``element`` the executed one is
+  usually far smaller.
 
 All per-element state (mask, EMA, previous levels, frozen-time accumulator) lives in buffers
 on the quantized layers, hence in the model's ``state_dict``; the step counter is in
