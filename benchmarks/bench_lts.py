@@ -44,7 +44,7 @@ from qsearch.cost import count_macs
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.quant.flops import FlopMeter, FlopTotals
-from qsearch.quant.functional import _conv_weight_grad, gathered_dw_rows
+from qsearch.quant.functional import _conv_weight_grad
 
 #: wall time by default; ``--clock cpu`` (process CPU time) leaves out time the process waits
 #: while other jobs hold the cores, the main noise on a shared machine.
@@ -112,7 +112,6 @@ def time_dw(qlayers, captured) -> float:
         xi, g = captured[name]
         ch = q.backward.dw_channels
         if isinstance(q, torch.nn.Conv2d):
-            ch = gathered_dw_rows(ch, q.weight, q.groups, g)
             _conv_weight_grad(xi, q.weight, g, q.stride, q.padding, q.dilation, q.groups, ch)
         elif ch is None:
             g.t() @ xi

@@ -158,8 +158,11 @@ def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows, layout
     keep = torch.randperm(16)[:rows].sort().values
     # The gathered routine itself: through conv2d, convs with a fan-in this small compute
     # their dW in full on CPU (test_small_fan_in_and_channels_last_depthwise_compute_dw_in_full).
-    got = functional._conv_weight_grad(x, w, gy, 1, padding, 1, 1, keep)
+    got = functional._gathered_weight_grad(x, w, gy, 1, padding, 1, 1, keep)
     torch.testing.assert_close(got[keep], full[keep], rtol=1e-5, atol=1e-5)
+    others = torch.ones(16, dtype=torch.bool)
+    others[keep] = False
+    assert bool((got[others] == 0).all())
 
 
 @pytest.mark.parametrize("case", ["stem", "depthwise-cl", "depthwise-nchw", "wide"])

@@ -81,18 +81,11 @@ def linear_macs(out: torch.Tensor, w: torch.Tensor) -> int:
     return out.numel() * w.shape[1]
 
 
-def dw_rows(channels: torch.Tensor | None, out_channels: int, groups: int = 1,
-            in_per_group: int = 1) -> int:
-    """Output channels whose weight gradient the custom backward computes (METHODS.md §2):
-    all of them without ``dw_channels``; only the listed ones for ungrouped and depthwise
-    convs and for linears; all of them for other grouped convs (computed in full, then the
-    listed rows are kept). A conv whose full GEMM is cheaper than gathering its rows passes
-    None (:func:`qsearch.quant.functional.gathered_dw_rows`): it runs, and is counted, in full."""
-    if channels is None:
-        return out_channels
-    if groups == 1 or (groups == out_channels and in_per_group == 1):
-        return int(channels.numel())
-    return out_channels
+def dw_rows(rows: torch.Tensor | None, out_channels: int) -> int:
+    """Output channels whose weight gradient the custom backward computes (METHODS.md §2): the
+    rows it computes on their own, or all of them where it runs the full GEMM (None; which
+    convs do is :func:`qsearch.quant.functional.gathered_dw_rows`)."""
+    return out_channels if rows is None else int(rows.numel())
 
 
 class FlopMeter:

@@ -72,16 +72,13 @@ class _CustomConv2d(torch.autograd.Function):
         stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
         gx = gw = gb = None
         need_dw = ctx.needs_input_grad[1] or (has_bias and ctx.needs_input_grad[2])
+        rows = gathered_dw_rows(opts.dw_channels, w, groups, gy)
+        _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, rows, w.shape[0])
         if opts.int8 is not None and opts.int8.usable(x, groups):
-            _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, opts.dw_channels,
-                             w.shape[0], groups, w.shape[1])
             gx, gw, gb = opts.int8.conv(
                 x, w, gy, stride, padding, dilation, ctx.needs_input_grad[0],
                 ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2], opts.dw_channels)
             return gx, gw, gb, None, None, None, None, None
-        rows = gathered_dw_rows(opts.dw_channels, w, groups, gy)
-        _record_backward(gy.numel() * w[0].numel(), ctx.needs_input_grad, rows, w.shape[0],
-                         groups, w.shape[1])
         g_dx, g = _transformed(opts, gy, ctx.needs_input_grad[0], need_dw)
         if g is not None and g_dx is g and rows is None:
             # One dY for all three gradients: a single fused call, as plain autograd makes.
@@ -102,11 +99,7 @@ class _CustomConv2d(torch.autograd.Function):
                 [True, False, False],
             )[0]
         if ctx.needs_input_grad[1]:
-            if rows is None:  # the full GEMM (cheaper here than gathering), frozen rows zeroed
-                gw = _zero_other_rows(_conv_weight_grad(x, w, g, stride, padding, dilation,
-                                                        groups, None), opts.dw_channels)
-            else:
-                gw = _conv_weight_grad(x, w, g, stride, padding, dilation, groups, rows)
+            gw = _conv_weight_grad(x, w, g, stride, padding, dilation, groups, opts.dw_channels)
         if has_bias and ctx.needs_input_grad[2]:
             # aten's own bias reduction: bit-identical to plain autograd (g.sum differs in
             # summation order).
@@ -177,18 +170,24 @@ GATHER_MIN_FAN_IN = 64
 
 def gathered_dw_rows(channels: torch.Tensor | None, w: torch.Tensor, groups: int,
                      g: torch.Tensor) -> torch.Tensor | None:
-    """The dW rows a conv's backward computes on their own (``channels``), or None when the
-    full weight-gradient GEMM is cheaper and runs instead (its frozen rows are then zeroed, and
-    the FLOP meter counts the full GEMM: what really ran). The full GEMM wins on CPU for
-    ungrouped convs with a fan-in under :data:`GATHER_MIN_FAN_IN` and for channels-last
-    depthwise convs, whose gathered form (a depthwise conv over gathered input and gradient
-    channels) took 5.2 ms for half of a 128x96x16x16 layer's rows against 1.1 ms in full; in
-    NCHW it is the other way round (2.2 vs 7.3 ms), and on CUDA the rows are always gathered."""
-    if channels is None or g.device.type != "cpu":
+    """The dW rows a conv's backward computes on their own (``channels``), or None when it
+    runs the full weight-gradient GEMM instead and zeroes the frozen rows; the FLOP meter
+    counts what this returns, i.e. what really ran. In full: grouped convs other than
+    depthwise (no gathered form), and on CPU, where the full GEMM is cheaper, ungrouped convs
+    with a fan-in under :data:`GATHER_MIN_FAN_IN` and channels-last depthwise convs, whose
+    gathered form (a depthwise conv over gathered input and gradient channels) took 5.2 ms for
+    half of a 128x96x16x16 layer's rows against 1.1 ms in full; in NCHW it is the other way
+    round (2.2 vs 7.3 ms), and on CUDA ungrouped and depthwise rows are always gathered."""
+    if channels is None:
+        return None
+    depthwise = groups == w.shape[0] and w.shape[1] == 1
+    if groups != 1 and not depthwise:
+        return None
+    if g.device.type != "cpu":
         return channels
     if groups == 1 and w[0].numel() < GATHER_MIN_FAN_IN:
         return None
-    if groups == w.shape[0] and w.shape[1] == 1 and is_channels_last(g):
+    if depthwise and is_channels_last(g):
         return None
     return channels
 
@@ -203,8 +202,17 @@ def _zero_other_rows(gw: torch.Tensor, channels: torch.Tensor | None) -> torch.T
 
 
 def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
-    if channels is None:
-        return torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+    """dW with only ``channels``' rows computed (the others exactly zero), gathered or in
+    full as :func:`gathered_dw_rows` decides; None: all rows."""
+    if gathered_dw_rows(channels, w, groups, g) is None:
+        full = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
+        return _zero_other_rows(full, channels)
+    return _gathered_weight_grad(x, w, g, stride, padding, dilation, groups, channels)
+
+
+def _gathered_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
+    """dW of an ungrouped or depthwise conv with only ``channels``' rows computed, from the
+    gathered rows of ``g`` (the swapped form for a few rows); the other rows are zero."""
     gw = torch.zeros_like(w)
     if channels.numel() == 0:
         return gw
@@ -217,14 +225,11 @@ def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
             sub = torch.nn.grad.conv2d_weight(
                 x, (channels.numel(), *w.shape[1:]), gs, stride, padding, dilation, 1,
             )
-    elif groups == w.shape[0] and w.shape[1] == 1:  # depthwise: channel c sees input c only
+    else:  # depthwise: channel c sees input c only
         sub = torch.nn.grad.conv2d_weight(
             x.index_select(1, channels), (channels.numel(), 1, *w.shape[2:]),
             g.index_select(1, channels), stride, padding, dilation, channels.numel(),
         )
-    else:  # general grouped conv: compute all, keep the requested channels
-        full = torch.nn.grad.conv2d_weight(x, w.shape, g, stride, padding, dilation, groups)
-        sub = full.index_select(0, channels)
     gw.index_copy_(0, channels, sub)
     return gw
 
@@ -268,17 +273,17 @@ class _CustomLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def _record_backward(macs: int, needs: tuple[bool, ...], channels: torch.Tensor | None,
-                     out_channels: int, groups: int = 1, in_per_group: int = 1) -> None:
+def _record_backward(macs: int, needs: tuple[bool, ...], rows: torch.Tensor | None,
+                     out_channels: int) -> None:
     """Tell the active :class:`~qsearch.quant.flops.FlopMeter` which GEMMs this backward runs:
-    dX when the input needs a gradient, and the ``dw_channels`` rows of dW when the weight
-    does (:func:`~qsearch.quant.flops.dw_rows` is the rule both branches below follow)."""
+    dX when the input needs a gradient, and when the weight does, the dW rows it computes on
+    their own (``rows``; None: the full GEMM, :func:`gathered_dw_rows`)."""
     meter = flops.current()
     if meter is None:
         return
     share = 0.0
     if needs[1]:
-        share = flops.dw_rows(channels, out_channels, groups, in_per_group) / out_channels
+        share = flops.dw_rows(rows, out_channels) / out_channels
     meter.quant_backward(macs, bool(needs[0]), share)
 
 

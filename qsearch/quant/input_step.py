@@ -46,8 +46,7 @@ class _InputStepConv2d(torch.autograd.Function):
         stride, padding, dilation, groups, qn, qp, g, has_bias = ctx.conf
         need_s, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_b = has_bias and ctx.needs_input_grad[3]
-        _record_backward(gy.numel() * w[0].numel(), (need_s, need_w), None, w.shape[0], groups,
-                         w.shape[1])
+        _record_backward(gy.numel() * w[0].numel(), (need_s, need_w), None, w.shape[0])
         gs = gw = gb = None
         if need_w or need_b:
             _, gw, gb = torch.ops.aten.convolution_backward(
