@@ -17,7 +17,7 @@ the LSQ elementwise backward (straight-through masks, step-size gradients), BN a
 untouched.
 
     python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 15] [--clock wall|cpu]
-        [--layout nchw|channels-last]
+        [--layout nchw|channels-last] [--malloc tuned|default]
 
 Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --threads 1
 --clock cpu``, shared 2-core AMD EPYC, four runs): dW alone saves 0.31-0.39 at 50% frozen and
@@ -28,11 +28,20 @@ time/FLOPs -0.09 / 0.34 (nchw) and 0.03 / 0.40 (channels-last). See METHODS.md Â
 before the fused ReLU + LSQ quantizer, backward 267.8 ms at 0%, time/FLOPs 0.07 (-0.42..0.40)
 at 50% and 0.28 (0.17..0.53) at 90%; after it, backward 223.1 ms, time/FLOPs 0.20 (0.06..0.39)
 and 0.38 (0.20..0.48): a cheaper elementwise backward makes dW a larger share of the time.
+
+Since 2026-12-06 the backward runs with the host-memory setting the trainer applies
+(``--malloc tuned``: ``qsearch.train.host_memory``); until then this script kept glibc's
+defaults, so every figure above includes page faults that trials do not take. ``--malloc
+default`` keeps glibc's settings; the page faults per backward are printed. Same command,
+2026-12-06, runs alternating: ``--malloc default`` 12,000-17,000 faults per backward,
+time/FLOPs 0.29 and 0.18 at 50%, 0.57 and 0.42 at 90%; ``tuned`` 0-1 faults, 0.42, 0.28,
+0.44 and 0.45 at 50%, 0.59, 0.59, 0.64 and 0.60 at 90% (four runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 from statistics import median
 
@@ -45,6 +54,7 @@ from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.quant.flops import FlopMeter, FlopTotals
 from qsearch.quant.functional import _conv_weight_grad
+from qsearch.train.host_memory import keep_freed_memory
 
 #: wall time by default; ``--clock cpu`` (process CPU time) leaves out time the process waits
 #: while other jobs hold the cores, the main noise on a shared machine.
@@ -81,12 +91,15 @@ def set_frozen(qlayers, frac: float, seed: int = 0) -> dict[str, float]:
     return rho
 
 
-def time_backward(model, x, y) -> float:
+def time_backward(model, x, y) -> tuple[float, int]:
+    """(seconds, minor page faults) of one ``loss.backward()``."""
     model.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = CLOCK()
     loss.backward()
-    return CLOCK() - t0
+    t = CLOCK() - t0
+    return t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def capture_dw_inputs(model, qlayers, x, y) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -140,7 +153,11 @@ def main() -> None:
     ap.add_argument("--layout", choices=("nchw", "channels-last"), default="nchw",
                     help="memory layout of the model and batch (the trainer uses channels-last "
                          "on CPU)")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: keep freed host memory as the trainer does "
+                         "(qsearch.train.host_memory); default: glibc's own settings")
     args = ap.parse_args()
+    malloc = keep_freed_memory() if args.malloc == "tuned" else "default"
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
@@ -151,17 +168,21 @@ def main() -> None:
     captured = capture_dw_inputs(model, qlayers, x, y)
     fracs = (0.0, 0.5, 0.9)
     bwd: dict[float, list[float]] = {f: [] for f in fracs}
+    faults: dict[float, list[int]] = {f: [] for f in fracs}
     dw: dict[float, list[float]] = {f: [] for f in fracs}
     for r in range(args.reps + 1):  # round-robin, order rotated; the first round warms up
         for frac in fracs[r % 3:] + fracs[:r % 3]:
             set_frozen(qlayers, frac)
-            bwd[frac].append(time_backward(model, x, y))
+            t, n_faults = time_backward(model, x, y)
+            bwd[frac].append(t)
+            faults[frac].append(n_faults)
             dw[frac].append(time_dw(qlayers, captured))
     print(f"resnet20 W4A4 (first/last 8-bit), {args.layout}, batch {args.batch}, "
           f"{args.threads} CPU threads, "
-          f"{args.reps} round-robin rounds, {args.clock} clock; times are medians, savings are medians of each "
+          f"{args.reps} round-robin rounds, {args.clock} clock, malloc {malloc}; times and "
+          f"page faults per backward are medians, savings are medians of each "
           f"round's saving against the same round's 0% (range in brackets)")
-    print(f"{'frozen':>7} {'bwd ms':>8} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "
+    print(f"{'frozen':>7} {'bwd ms':>8} {'faults':>7} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "
           f"{'counted':>8} {'executed':>9} {'FlopCounter':>12} {'time/FLOPs (range)':>22}")
     base_f = base_m = None
     for frac in fracs:
@@ -177,7 +198,8 @@ def main() -> None:
             ratio = f"{median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f})"
         else:
             ratio = "-"
-        print(f"{frac:>7.0%} {1e3 * median(bwd[frac][1:]):>8.1f} {median(saved):>10.3f} "
+        print(f"{frac:>7.0%} {1e3 * median(bwd[frac][1:]):>8.1f} "
+              f"{median(faults[frac][1:]):>7.0f} {median(saved):>10.3f} "
               f"{1e3 * median(dw[frac][1:]):>7.1f} {median(dw_saved):>9.3f} {counted:>8.3f} "
               f"{executed:>9.3f} {1 - f / base_f:>12.3f} {ratio:>22}")
 
