@@ -18,6 +18,7 @@ untouched.
 
     python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 15] [--clock wall|cpu]
         [--layout nchw|channels-last] [--malloc tuned|default]
+        [--gather native|index_select] [--gather-only]
 
 Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --threads 1
 --clock cpu``, shared 2-core AMD EPYC, four runs): dW alone saves 0.31-0.39 at 50% frozen and
@@ -53,6 +54,7 @@ from qsearch.cost import count_macs
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.quant.flops import FlopMeter, FlopTotals
+from qsearch.quant import column_gather
 from qsearch.quant.functional import _conv_weight_grad
 from qsearch.train.host_memory import keep_freed_memory
 
@@ -133,6 +135,30 @@ def time_dw(qlayers, captured) -> float:
     return CLOCK() - t0
 
 
+def gather_table(batch: int, reps: int) -> None:
+    """Time of picking half of a ResNet-20 layer's output-gradient channels (columns of its
+    channels-last ``(N*H*W, C)`` matrix): ``index_select`` against the native kernel."""
+    print(f"gather of half the channels, (batch*H*W, C) float32 matrix, "
+          f"{torch.get_num_threads()} threads, {CLOCK.__name__}, median of {reps}; "
+          f"native kernel: {column_gather.status()}")
+    for c, hw in ((16, 32), (32, 16), (64, 8)):
+        m = torch.randn(batch * hw * hw, c)
+        idx = torch.randperm(c)[: c // 2].sort().values
+        row = []
+        for name, fn in (("index_select", lambda: m.index_select(1, idx)),  # noqa: B023
+                         ("native", lambda: column_gather.gather_columns(m, idx)),  # noqa: B023
+                         ("copy of all", m.clone)):
+            for _ in range(3):
+                fn()
+            ts = []
+            for _ in range(reps):
+                t0 = CLOCK()
+                fn()
+                ts.append(CLOCK() - t0)
+            row.append(f"{name} {1e3 * median(ts):.3f} ms")
+        print(f"  C={c:>2}, {m.shape[0]} rows: " + ", ".join(row))
+
+
 def backward_flops(model, x, y) -> tuple[int, float]:
     """(FlopCounterMode's backward FLOPs, the FLOP meter's) of one step."""
     totals = FlopTotals()
@@ -156,12 +182,22 @@ def main() -> None:
     ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                     help="tuned: keep freed host memory as the trainer does "
                          "(qsearch.train.host_memory); default: glibc's own settings")
+    ap.add_argument("--gather-only", action="store_true",
+                    help="only time the gather of dY channels (index_select vs the native "
+                         "kernel of qsearch.quant.column_gather) and exit")
+    ap.add_argument("--gather", choices=("native", "index_select"), default="native",
+                    help="how dY channels are gathered: the native kernel where it applies "
+                         "(what trials do) or index_select everywhere")
     args = ap.parse_args()
+    column_gather.set_enabled(args.gather == "native")
     malloc = keep_freed_memory() if args.malloc == "tuned" else "default"
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.gather_only:
+        gather_table(args.batch, max(args.reps, 50))
+        return
     model, qlayers, macs, x, y = build(args.batch, args.layout == "channels-last")
     total_macs = sum(macs.values())
 
@@ -179,7 +215,9 @@ def main() -> None:
             dw[frac].append(time_dw(qlayers, captured))
     print(f"resnet20 W4A4 (first/last 8-bit), {args.layout}, batch {args.batch}, "
           f"{args.threads} CPU threads, "
-          f"{args.reps} round-robin rounds, {args.clock} clock, malloc {malloc}; times and "
+          f"{args.reps} round-robin rounds, {args.clock} clock, malloc {malloc}, gather "
+          f"{args.gather if args.gather == 'index_select' else column_gather.status()}; "
+          f"times and "
           f"page faults per backward are medians, savings are medians of each "
           f"round's saving against the same round's 0% (range in brackets)")
     print(f"{'frozen':>7} {'bwd ms':>8} {'faults':>7} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "

@@ -17,7 +17,8 @@ DEFAULT_CACHE_DIR = "~/.cache/qsearch"
 #: Every environment variable qsearch reads, with what it means (``qsearch --help`` lists them).
 ENV_VARS: dict[str, str] = {
     "QSEARCH_STORAGE": f"database URL used when none is given (default {DEFAULT_STORAGE})",
-    "QSEARCH_CACHE": f"cache folder for FP32 warm starts (default {DEFAULT_CACHE_DIR})",
+    "QSEARCH_CACHE": f"cache folder for FP32 warm starts and the native LTS gather kernel "
+                     f"(default {DEFAULT_CACHE_DIR})",
     "QSEARCH_DB_RETRIES": "attempts per database operation on transient errors (default 6)",
     "QSEARCH_DB_RETRY_BASE_S": "first retry back-off in seconds, doubled each time (default 0.2)",
     "QSEARCH_DB_POOL_SIZE": "connections kept per process on PostgreSQL (default 5)",
@@ -26,7 +27,8 @@ ENV_VARS: dict[str, str] = {
     "QSEARCH_RESOURCE_WAIT_S": "seconds a study waits for an autoscaling cluster to offer a "
                                "node that fits one trial (default 0: fail at once)",
     "QSEARCH_COMPILE": "torch.compile'd quantizer kernels: auto (default: for trials large enough "
-                       "to repay compiling them), 1 for every trial, 0 never (eager kernels)",
+                       "to repay compiling them), 1 for every trial, 0 never (eager kernels, "
+                       "and no native LTS gather kernel)",
     "QSEARCH_NO_COMPILE": "1 is QSEARCH_COMPILE=0 (the older name)",
     "QSEARCH_CHANNELS_LAST": "memory layout of conv models in training: auto (default: "
                              "channels-last on CPU, unchanged on CUDA), 1 always, 0 never",
