@@ -72,6 +72,8 @@ def test_switches_and_unhandled_inputs_use_index_select(monkeypatch, one_thread)
     assert not cg._usable(m.t().contiguous().t(), idx)  # not row-major
     assert not cg._usable(torch.randn(8, 24), idx)
     assert not cg._usable(m, idx.int())
+    assert not cg._usable(m.requires_grad_(), idx)  # autograd must see the gather
+    m = m.detach()
     monkeypatch.setenv("QSEARCH_COMPILE", "0")
     assert not cg._usable(m, idx)
     monkeypatch.delenv("QSEARCH_COMPILE")

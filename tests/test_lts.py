@@ -143,8 +143,9 @@ def test_freeze_channels_freezes_whole_channels_in_any_layout(layout):
                                                  ((3, 1), (1, 0), 5), ((3, 3), 1, 12)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_gathered_dw_rows_equal_the_dense_gradient(kernel, padding, rows, layout):
-    """Up to ``SWAP_MAX_ROWS`` gathered rows take the swapped-conv form of dW, more rows the
-    direct one (as do rows not fewer than the input channels); both must give the dense gradient's rows for every padding (including none and
+    """Up to ``SWAP_MAX_ROWS`` gathered rows (on CPU, any number that is not a multiple of
+    ``DIRECT_DW_BLOCK``) take the swapped-conv form of dW, the others the direct one (as do
+    rows not fewer than the input channels); both must give the dense gradient's rows for every padding (including none and
     more than half the kernel) and non-square kernels, in both memory layouts (a channels-last
     gradient is gathered as columns of its (N*H*W, C) matrix). Fails on a wrong flip,
     transpose or swapped padding, or gathered columns mapped back in the wrong order."""

@@ -209,7 +209,7 @@ def native_kernel() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """``native`` when the kernel is loaded, else why not (after the first gather)."""
+    """``native`` when the kernel is loaded (building it on first call), else why not."""
     native_kernel()
     return _state or "not built"
 
@@ -219,12 +219,15 @@ def _usable(m: torch.Tensor, idx: torch.Tensor) -> bool:
             and m.shape[1] in WIDTHS and m.is_contiguous() and idx.dim() == 1
             and idx.dtype == torch.int64 and idx.device.type == "cpu" and idx.is_contiguous()
             and 0 < idx.numel() <= m.shape[1] and m.shape[0] > 0
+            and not (m.requires_grad and torch.is_grad_enabled())  # no autograd record
             and _enabled and defaults.compile_kernels() != "off")
 
 
 def gather_columns(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``m.index_select(1, idx)`` (``idx``: column indices in range), on the native kernel
-    where it applies."""
+    """``m.index_select(1, idx)``, on the native kernel where it applies. The indices must
+    be in range: ``index_select`` raises on one that is not, the kernel (which reads only
+    the row's own floats) takes it modulo 32 instead, so the caller validates them (LTS's
+    channel lists are built from the layer's own channels)."""
     if _usable(m, idx):
         lib = native_kernel()
         if lib is not None:

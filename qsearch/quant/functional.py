@@ -124,6 +124,13 @@ def _pair(v: Any) -> tuple[int, int]:
 #: 8 swapped rows were slower than the direct kernel (2.8 vs 2.0 ms, resnet20, batch 128).
 SWAP_MAX_ROWS = 8
 
+#: On CPU the swapped form is also used for any row count that is not a multiple of this
+#: block: oneDNN's direct dW pays for whole blocks of 16 rows, the swapped form roughly per
+#: row. One thread, channels-last, batch 128 (2026-12-06): 24 of 32 rows 4.50 ms swapped vs
+#: 5.66 direct (5.89 all 32 rows), 12 of 16 rows 5.14 vs 5.98; at multiples of 16 the two
+#: forms are within 3% (16 of 32: 2.97 vs 2.87; 32 and 48 of 64: 3.16 vs 3.25, 4.55 vs 4.54).
+DIRECT_DW_BLOCK = 16
+
 
 def _swappable(w, stride, padding, dilation) -> bool:
     if isinstance(padding, str):
@@ -215,14 +222,16 @@ def _conv_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
 
 def _gathered_weight_grad(x, w, g, stride, padding, dilation, groups, channels):
     """dW of an ungrouped or depthwise conv with only ``channels``' rows computed, from the
-    gathered rows of ``g`` (the swapped form for a few rows); the other rows are zero."""
+    gathered rows of ``g`` (the swapped form for a few rows and, on CPU, for row counts off
+    oneDNN's 16-row blocks); the other rows are zero."""
     gw = torch.zeros_like(w)
     if channels.numel() == 0:
         return gw
     if groups == 1:
         gs = _gather_channels(g, channels)
-        if (channels.numel() <= SWAP_MAX_ROWS and channels.numel() < x.shape[1]
-                and _swappable(w, stride, padding, dilation)):
+        k = channels.numel()
+        few = k <= SWAP_MAX_ROWS or (g.device.type == "cpu" and k % DIRECT_DW_BLOCK != 0)
+        if few and k < x.shape[1] and _swappable(w, stride, padding, dilation):
             sub = _swapped_weight_grad(x, gs, padding, w.shape[2:])
         else:
             sub = torch.nn.grad.conv2d_weight(
