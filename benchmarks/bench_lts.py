@@ -131,7 +131,7 @@ def time_dw(qlayers, captured) -> float:
         elif ch is None:
             g.t() @ xi
         else:
-            g.index_select(1, ch).t() @ xi
+            column_gather.gather_columns(g, ch).t() @ xi  # as _CustomLinear's backward
     return CLOCK() - t0
 
 
@@ -217,7 +217,7 @@ def main() -> None:
           f"{args.threads} CPU threads, "
           f"{args.reps} round-robin rounds, {args.clock} clock, malloc {malloc}, gather "
           f"{args.gather if args.gather == 'index_select' else column_gather.status()}; "
-          f"times and "
+          f"measured times and "
           f"page faults per backward are medians, savings are medians of each "
           f"round's saving against the same round's 0% (range in brackets)")
     print(f"{'frozen':>7} {'bwd ms':>8} {'faults':>7} {'bwd saved':>10} {'dW ms':>7} {'dW saved':>9} "
