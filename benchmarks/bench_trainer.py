@@ -8,6 +8,8 @@ zero_grad + forward + cross-entropy + backward + step. Variants:
   (compiled) LSQ kernels of ``qsearch.quant.fused``, the ReLUs fused into the quantizers that
   read them (``qsearch.quant.relu_lsq``); qsearch-cl: the same in channels-last,
   which is what the trainer runs on CPU (``qsearch.train.layout``);
+- qsearch-cl-compiled: qsearch-cl with the native LSQ loops (``qsearch.quant.native_lsq``,
+  which the other qsearch variants use where they load) switched off: the compiled kernels;
 - qsearch-eager: the same model with the eager LSQ (``QSEARCH_NO_COMPILE=1`` around its steps);
 - torch.ao: ``prepare_qat_fx`` with the default x86 QAT qconfig (8-bit fake-quant observers);
 - brevitas: QuantConv2d/QuantLinear at W4A4 (first/last 8-bit), when brevitas is importable.
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsearch.models import build_model
-from qsearch.quant import Precision, convert, fused
+from qsearch.quant import Precision, convert, fused, native_lsq
 from qsearch.train.host_memory import keep_freed_memory
 
 Step = Callable[[], None]
@@ -109,12 +111,16 @@ def brevitas_model() -> nn.Module | None:
 CLOCK = time.perf_counter
 
 
-def time_steps(step: Step, n: int, eager: bool = False) -> tuple[float, float, float]:
+def time_steps(step: Step, n: int, kernels: str = "native") -> tuple[float, float, float]:
     """Seconds per step over ``n`` steps (``CLOCK``), with the minor page faults and the
-    system (kernel) seconds per step; ``eager`` sets QSEARCH_NO_COMPILE=1 meanwhile."""
+    system (kernel) seconds per step. ``kernels``: ``native`` (the default: native LSQ loops
+    where they load, else compiled), ``compiled`` (native loops off meanwhile) or ``eager``
+    (QSEARCH_NO_COMPILE=1 meanwhile: neither)."""
     old = os.environ.get(fused.ENV_DISABLE)
+    eager = kernels == "eager"
     if eager:
         os.environ[fused.ENV_DISABLE] = "1"
+    native_lsq.set_enabled(kernels == "native")
     try:
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = CLOCK()
@@ -124,11 +130,20 @@ def time_steps(step: Step, n: int, eager: bool = False) -> tuple[float, float, f
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         return t, (r1.ru_minflt - r0.ru_minflt) / n, (r1.ru_stime - r0.ru_stime) / n
     finally:
+        native_lsq.set_enabled(True)
         if eager:
             if old is None:
                 del os.environ[fused.ENV_DISABLE]
             else:
                 os.environ[fused.ENV_DISABLE] = old
+
+
+def kernels_of(variant: str) -> str:
+    """Which quantizer kernels a variant runs: its name's suffix, else the default."""
+    for kind in ("eager", "compiled"):
+        if variant.endswith(kind):
+            return kind
+    return "native"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32-cl": lambda: fp32_model().to(memory_format=cl),
         "qsearch": qsearch_model,
         "qsearch-cl": lambda: qsearch_model().to(memory_format=cl),
+        "qsearch-cl-compiled": lambda: qsearch_model().to(memory_format=cl),
         "qsearch-eager": qsearch_model,
         "qsearch-cl-eager": lambda: qsearch_model().to(memory_format=cl),
         "torch.ao": lambda: torch_ao_model(x),
@@ -182,14 +198,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         steps[name] = make_step(model, x, y)
         # first-batch init, allocator warm-up, kernel compilation
-        time_steps(steps[name], args.warmup, eager=name.endswith("eager"))
+        time_steps(steps[name], args.warmup, kernels_of(name))
 
     times: dict[str, list[float]] = {name: [] for name in steps}
     faults: dict[str, list[float]] = {name: [] for name in steps}
     system: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            t, f, sys_s = time_steps(step, args.steps, eager=name.endswith("eager"))
+            t, f, sys_s = time_steps(step, args.steps, kernels_of(name))
             times[name].append(t)
             faults[name].append(f)
             system[name].append(sys_s)
@@ -206,10 +222,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{statistics.median(system[name]) * 1e3:.1f} ms system time per step)")
     if not fused.compile_enabled("cpu"):
         print("fused kernels unavailable here: qsearch ran eagerly too")
+    print(f"native LSQ loops (qsearch, qsearch-cl): {native_lsq.status()}")
     # The goal compares like with like (same layout); the cross-layout ratio says what the
     # trainer's CPU layout costs against the FP32 step PyTorch runs by default.
     for name, ref in (("qsearch", "fp32"), ("qsearch-eager", "fp32"),
-                      ("qsearch-cl", "fp32-cl"), ("qsearch-cl-eager", "fp32-cl")):
+                      ("qsearch-cl", "fp32-cl"), ("qsearch-cl-compiled", "fp32-cl"),
+                      ("qsearch-cl-eager", "fp32-cl")):
         if name in times and ref in times:
             ratio = statistics.median(times[name]) / statistics.median(times[ref])
             print(f"{name}/{ref} = {ratio:.3f} (measured; goal <= 1.05: "

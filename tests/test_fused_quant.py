@@ -14,11 +14,20 @@ import pytest
 import torch
 
 from qsearch.methods.gradq import sr_quantize
-from qsearch.quant import fused
+from qsearch.quant import fused, native_lsq
 from qsearch.quant.lsq import _LSQFunction, _LSQFusedFunction, level_bounds, lsq_quantize
 
 needs_compile = pytest.mark.skipif(not fused.compile_enabled("cpu"),
                                    reason="torch.compile unavailable (no C++ compiler?)")
+
+
+@pytest.fixture
+def native_off():
+    """The compiled path where ``lsq_quantize`` would take the native CPU loops first
+    (qsearch.quant.native_lsq, tested in test_native_lsq.py)."""
+    native_lsq.set_enabled(False)
+    yield
+    native_lsq.set_enabled(True)
 
 
 # ----------------------------------------------------------------------------- references
@@ -170,7 +179,7 @@ def _fresh_kernels():
 
 
 @needs_compile
-def test_lsq_quantize_uses_fused_path_and_inference_matches():
+def test_lsq_quantize_uses_fused_path_and_inference_matches(native_off):
     torch.manual_seed(1)
     v = torch.randn(16, 8, 24, 24, requires_grad=True)
     assert v.numel() >= fused.LSQ_MIN_NUMEL
@@ -324,7 +333,7 @@ def test_compile_failure_falls_back_with_one_warning():
 
 
 @needs_compile
-def test_a_flop_counter_does_not_switch_the_fused_kernels_off():
+def test_a_flop_counter_does_not_switch_the_fused_kernels_off(native_off):
     """Under FlopCounterMode (a dispatch mode dynamo does not trace) the LSQ runs eagerly for
     that call only; afterwards the fused kernel is used again, so a process's numerics do not
     depend on whether some earlier step was counted. Fails if the failure is remembered."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qsearch.config import parse_trial_config
-from qsearch.quant import fused
+from qsearch.quant import fused, native_lsq
 from qsearch.train import kernels, train
 
 SMALL = {"model": "tiny-cnn", "dataset": "digits", "epochs": 1, "device": "cpu",
@@ -14,6 +14,15 @@ SMALL = {"model": "tiny-cnn", "dataset": "digits", "epochs": 1, "device": "cpu",
 
 needs_compiler = pytest.mark.skipif(not fused.compile_enabled("cpu"),
                                     reason="torch.compile unavailable on this machine's CPU")
+
+
+@pytest.fixture(autouse=True)
+def compiled_path():
+    """The choice concerns the compiled kernels; on CPU the native LSQ loops would serve these
+    trials first (they need no per-process compilation), so they are off here."""
+    native_lsq.set_enabled(False)
+    yield
+    native_lsq.set_enabled(True)
 
 
 def _train_counting_compiles(monkeypatch, **env: str) -> int:

@@ -14,12 +14,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsearch.models import build_model
-from qsearch.quant import Precision, convert, fused
+from qsearch.quant import Precision, convert, fused, native_lsq
 from qsearch.quant.lsq import LSQQuantizer, _LSQFunction
 from qsearch.quant.relu_lsq import relu_quantize
 
-needs_compile = pytest.mark.skipif(not fused.compile_enabled("cpu"),
-                                   reason="torch.compile unavailable (no C++ compiler?)")
+
+
+@pytest.fixture(params=["native", "compiled"])
+def kernels(request):
+    """Each fused path in turn: the native loops (qsearch.quant.native_lsq), then the
+    compiled kernels with the native loops switched off."""
+    if request.param == "native":
+        if native_lsq.status() != "native":
+            pytest.skip(f"native LSQ loops unavailable: {native_lsq.status()}")
+        yield "native"
+        return
+    if not fused.compile_enabled("cpu"):
+        pytest.skip("torch.compile unavailable (no C++ compiler?)")
+    native_lsq.set_enabled(False)
+    try:
+        yield "compiled"
+    finally:
+        native_lsq.set_enabled(True)
 
 
 class _Reader(nn.Module):
@@ -61,11 +77,10 @@ def _pair(y0, s0, bits, need_relu, fused_path, channels_last):
     return (r.detach() if need_relu else None), q.detach(), y.grad, s.grad
 
 
-@needs_compile
 @pytest.mark.parametrize("need_relu", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_fused_relu_lsq_equals_relu_then_lsq(need_relu, channels_last, bits):
+def test_fused_relu_lsq_equals_relu_then_lsq(need_relu, channels_last, bits, kernels):
     """Forward and input gradient bit for bit (ReLU mask, straight-through range, the
     shortcut's gradient added), step gradient within float32 summation error; the outputs keep
     the input's memory layout."""
@@ -83,8 +98,7 @@ def test_fused_relu_lsq_equals_relu_then_lsq(need_relu, channels_last, bits):
     assert q_f.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
-@needs_compile
-def test_the_layer_passes_the_fused_output_through_once():
+def test_the_layer_passes_the_fused_output_through_once(kernels):
     """The quantizer returns the very tensor the fused kernel made for it (no second
     quantization), and quantizes anything else as usual."""
     layer = _Reader(4).train()
@@ -137,10 +151,11 @@ def test_preactivation_resnet_computes_the_papers_function(quantized):
         assert torch.equal(model(x), _paper_forward(model, x))
 
 
-@needs_compile
-def test_quantized_resnet_trains_the_same_with_and_without_the_fused_kernels(monkeypatch):
-    """A W4A4 ResNet-20 training step: the fused ReLU+LSQ path (taken: its kernels compile)
-    gives the loss and every gradient of the unfused, eager path."""
+def test_quantized_resnet_trains_the_same_with_and_without_the_fused_kernels(monkeypatch,
+                                                                            kernels):
+    """A W4A4 ResNet-20 training step: the fused ReLU+LSQ path (taken: its kernels compile,
+    or the native loops load) gives the loss and every gradient of the unfused, eager
+    path."""
     def step(compile_on: bool):
         monkeypatch.setenv("QSEARCH_COMPILE", "1" if compile_on else "0")
         torch.manual_seed(0)
@@ -158,7 +173,11 @@ def test_quantized_resnet_trains_the_same_with_and_without_the_fused_kernels(mon
     for k in (fused.relu_lsq_forward, fused.relu_lsq_forward_q):
         k.reset()
     loss_f, grads_f = step(True)
-    assert fused.relu_lsq_forward.compiled_variants and fused.relu_lsq_forward_q.compiled_variants
+    if kernels == "compiled":
+        assert fused.relu_lsq_forward.compiled_variants
+        assert fused.relu_lsq_forward_q.compiled_variants
+    else:
+        assert not fused.relu_lsq_forward.compiled_variants  # the native loops ran instead
     loss_e, grads_e = step(False)
     assert loss_f == loss_e
     for n, gf in grads_f.items():

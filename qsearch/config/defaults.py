@@ -27,8 +27,9 @@ ENV_VARS: dict[str, str] = {
     "QSEARCH_RESOURCE_WAIT_S": "seconds a study waits for an autoscaling cluster to offer a "
                                "node that fits one trial (default 0: fail at once)",
     "QSEARCH_COMPILE": "torch.compile'd quantizer kernels: auto (default: for trials large enough "
-                       "to repay compiling them), 1 for every trial, 0 never (eager kernels, "
-                       "and no native LTS gather kernel)",
+                       "to repay compiling them; native C loops, built once per machine, on "
+                       "CPU in every trial), 1 for every trial, 0 never (eager kernels: no "
+                       "compiled or native ones)",
     "QSEARCH_NO_COMPILE": "1 is QSEARCH_COMPILE=0 (the older name)",
     "QSEARCH_CHANNELS_LAST": "memory layout of conv models in training: auto (default: "
                              "channels-last on CPU, unchanged on CUDA), 1 always, 0 never",

@@ -20,28 +20,17 @@ Everything else, and any failure to build or load the kernel (one warning, then 
 again in the process), runs ``index_select``. The values are the same either way: it copies
 floats, it computes nothing.
 
-How: the C source is compiled once per machine with ``cc -O3 -march=native`` into the cache
-folder (``QSEARCH_CACHE``, ``~/.cache/qsearch`` by default) under a name that hashes the
-source, the compiler and the CPU's feature flags, and is loaded with ``ctypes`` (which drops
-the GIL during the call).
+How: the C source is compiled once per machine and loaded with ``ctypes``
+(:mod:`qsearch.quant.native`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
 
-from qsearch.config import defaults
+from qsearch.quant import native
 
 #: Row widths the kernel handles (one, two or four AVX-512 registers per row).
 WIDTHS = (16, 32, 64)
@@ -125,93 +114,31 @@ int qsearch_gather_columns(const float* restrict src, float* restrict dst, int64
 }
 """
 
-#: Reasons not to use the kernel that are a fact of the machine, not a fault: no warning.
-_EXPECTED = ("not an x86-64 CPU", "no AVX-512 on this CPU", "no C compiler")
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_state: str | None = None  # None: not tried; "native"; or why it is not used
-_enabled = True  # set_enabled(False): index_select everywhere (A/B timing in benchmarks)
+_LIB = native.NativeLibrary(
+    "column_gather", _SOURCE,
+    {"qsearch_gather_columns": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p,
+                                               ctypes.c_int64, ctypes.c_int64,
+                                               ctypes.c_void_p, ctypes.c_int64]),
+     "qsearch_gather_available": (ctypes.c_int, [])},
+    needs=("avx512f",))
 
 
 def set_enabled(on: bool) -> None:
     """Allow (the default) or forbid the native kernel in this process; for benchmarks that
     time both paths side by side."""
-    global _enabled
-    _enabled = on
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux; elsewhere the processor's name), part of the cached
-    build's name so a build for another CPU is never loaded."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build() -> ctypes.CDLL | str:
-    """The loaded kernel library, or why there is none."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "not an x86-64 CPU"
-    if " avx512f" not in _cpu_flags():
-        return "no AVX-512 on this CPU"
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        return "no C compiler"
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
-    key = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_flags()]).encode()).hexdigest()
-    folder = defaults.cache_root() / "native"
-    lib_path = folder / f"column_gather-{key[:20]}.so"
-    if not lib_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            src = Path(tmp) / "column_gather.c"
-            src.write_text(_SOURCE)
-            out = Path(tmp) / lib_path.name
-            done = subprocess.run([cc, *flags, str(src), "-o", str(out)],
-                                  capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                return f"{cc} failed: {(done.stderr or done.stdout).strip()[:200]}"
-            os.replace(out, lib_path)  # atomic: concurrent workers each install a whole file
-    lib = ctypes.CDLL(str(lib_path))
-    lib.qsearch_gather_columns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
-    lib.qsearch_gather_columns.restype = ctypes.c_int
-    lib.qsearch_gather_available.restype = ctypes.c_int
-    if lib.qsearch_gather_available() != 1:
-        return "no AVX-512 on this CPU"
-    return lib
+    _LIB.enabled = on
 
 
 def native_kernel() -> ctypes.CDLL | None:
     """The kernel, built and loaded on first call; None where it cannot be (see
     :func:`status`)."""
-    global _lib, _state
-    if _state is None:
-        with _lock:
-            if _state is None:
-                try:
-                    built = _build()
-                except Exception as e:  # noqa: BLE001 - any build/load failure: index_select
-                    built = f"{type(e).__name__}: {e}"
-                if isinstance(built, str):
-                    if built not in _EXPECTED:
-                        warnings.warn(f"native column gather unavailable ({built}); using "
-                                      "index_select", RuntimeWarning, stacklevel=2)
-                    _state = built
-                else:
-                    _lib, _state = built, "native"
-    return _lib
+    lib = _LIB.load()
+    return lib if lib is not None and lib.qsearch_gather_available() == 1 else None
 
 
 def status() -> str:
     """``native`` when the kernel is loaded (building it on first call), else why not."""
-    native_kernel()
-    return _state or "not built"
+    return _LIB.status()
 
 
 def _usable(m: torch.Tensor, idx: torch.Tensor) -> bool:
@@ -219,8 +146,7 @@ def _usable(m: torch.Tensor, idx: torch.Tensor) -> bool:
             and m.shape[1] in WIDTHS and m.is_contiguous() and idx.dim() == 1
             and idx.dtype == torch.int64 and idx.device.type == "cpu" and idx.is_contiguous()
             and 0 < idx.numel() <= m.shape[1] and m.shape[0] > 0
-            and not (m.requires_grad and torch.is_grad_enabled())  # no autograd record
-            and _enabled and defaults.compile_kernels() != "off")
+            and not (m.requires_grad and torch.is_grad_enabled()))  # no autograd record
 
 
 def gather_columns(m: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,10 @@ derivative, and the backward is one multiply and one dot product (measured in
 benchmarks/bench_trainer.py). The naive "grad_scale + round_pass" autograd formulation costs
 about twice as many passes and sums the step gradient from two large, cancelling terms.
 
-Where ``torch.compile`` works (see :mod:`qsearch.quant.fused`), the forward and the backward
-are each one compiled loop instead: the forward writes only the output, and the backward
+On CPU the forward and the backward are each one native C loop
+(:mod:`qsearch.quant.native_lsq`) for every tensor, weights included. Elsewhere, where
+``torch.compile`` works (see :mod:`qsearch.quant.fused`), they are each one compiled loop for
+large tensors: the forward writes only the output, and the backward
 recomputes the mask and the step derivative from the saved input (which the preceding ReLU
 or the weight parameter keeps alive anyway) while it writes the input gradient and sums the
 step gradient. Same values as the eager function (the step gradient up to float32 summation
@@ -25,7 +27,7 @@ import weakref
 import torch
 from torch import nn
 
-from qsearch.quant import fused
+from qsearch.quant import fused, native_lsq
 from qsearch.quant.memory_order import flat, memory_order, unflat
 
 
@@ -106,8 +108,38 @@ class _LSQFusedFunction(torch.autograd.Function):
         return grad_v, grad_s, None, None, None
 
 
+class _LSQNativeFunction(torch.autograd.Function):
+    """:class:`_LSQFunction` on the native CPU loops of :mod:`qsearch.quant.native_lsq` (any
+    size: a call costs a few microseconds), keeping the input's memory layout."""
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float):  # type: ignore[override]
+        order = memory_order(v)
+        step = float(s)
+        ctx.save_for_backward(v)
+        ctx.conf = (step, float(-qn), float(qp), g, order, (s.shape, s.dtype))
+        return unflat(native_lsq.lsq_forward(flat(v, order), step, -qn, qp), v, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (v,) = ctx.saved_tensors
+        step, lo, hi, g, order, (s_shape, s_dtype) = ctx.conf
+        need_v, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_v, sum_s = native_lsq.lsq_backward(flat(grad, order), flat(v, order), step, lo,
+                                                hi, need_v)
+        return (unflat(grad_v, v, order) if need_v else None,
+                torch.full(s_shape, sum_s * g, dtype=s_dtype) if need_s else None,
+                None, None, None)
+
+
 def lsq_quantize(v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
-    """Functional LSQ fake quantization with the LSQ gradients."""
+    """Functional LSQ fake quantization with the LSQ gradients: on the native CPU loops where
+    they serve ``v``, else the compiled kernels (large tensors), else eagerly."""
+    order = memory_order(v)
+    if s.device.type == "cpu" and order is not None and native_lsq.usable(v):
+        if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):
+            return _LSQNativeFunction.apply(v, s, qn, qp, g)
+        return unflat(native_lsq.lsq_forward(flat(v, order), float(s), -qn, qp), v, order)
     # Small tensors (most weights) stay eager: a compiled call costs more than their passes.
     use_fused = v.numel() >= fused.LSQ_MIN_NUMEL and fused.lsq_forward.usable(v)
     if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):

@@ -23,21 +23,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qsearch.quant import fused
+from qsearch.quant import fused, native_lsq
 from qsearch.quant.lsq import LSQQuantizer
 from qsearch.quant.memory_order import flat, memory_order, unflat
 
 
 class _ReluLSQFunction(torch.autograd.Function):
-    """``(relu(y), LSQ(relu(y)))`` (``need_r``) or ``LSQ(relu(y))`` on the compiled kernels,
-    in ``y``'s memory layout. Saves ``y`` (as a lone ReLU saves its output: the same size)."""
+    """``(relu(y), LSQ(relu(y)))`` (``need_r``) or ``LSQ(relu(y))`` on the native loops
+    (:mod:`qsearch.quant.native_lsq`) or else the compiled kernels, in ``y``'s memory layout.
+    Saves ``y`` (as a lone ReLU saves its output: the same size)."""
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, s: torch.Tensor, qp: int, g: float, need_r: bool):  # type: ignore[override]
-        lo, hi = fused.bounds(0, qp, y)
         order = memory_order(y)
         yf = flat(y, order)
         ctx.save_for_backward(y, s)
+        ctx.native = None
+        if native_lsq.usable(y):
+            ctx.native = step = float(s)
+            ctx.conf = (0.0, float(qp), g, order, need_r)
+            r, q = native_lsq.relu_lsq_forward(yf, step, 0.0, float(qp), need_r)
+            if need_r:
+                return unflat(r, y, order), unflat(q, y, order)
+            return unflat(q, y, order)
+        lo, hi = fused.bounds(0, qp, y)
         ctx.conf = (lo, hi, g, order, need_r)
         if need_r:
             r, q = fused.relu_lsq_forward(yf, s, lo, hi)
@@ -48,6 +57,13 @@ class _ReluLSQFunction(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
         y, s = ctx.saved_tensors
         lo, hi, g, order, need_r = ctx.conf
+        need_y, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.native is not None:  # the step's float value the forward used
+            grad_r = flat(grads[0], order) if need_r else None
+            grad_y, sum_s = native_lsq.relu_lsq_backward(
+                grad_r, flat(grads[-1], order), flat(y, order), ctx.native, lo, hi)
+            return (unflat(grad_y, y, order) if need_y else None,
+                    torch.full_like(s, sum_s * g) if need_s else None, None, None, None)
         if need_r:
             grad_r, grad_q = grads
             grad_y, grad_s = fused.run_or_eager(
@@ -56,7 +72,6 @@ class _ReluLSQFunction(torch.autograd.Function):
         else:
             grad_y, grad_s = fused.run_or_eager(
                 fused.relu_lsq_backward_q, flat(grads[0], order), flat(y, order), s, lo, hi)
-        need_y, need_s = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (unflat(grad_y, y, order) if need_y else None,
                 grad_s.mul_(g).to(s.dtype) if need_s else None, None, None, None)
 
@@ -65,7 +80,7 @@ def _fusable(y: torch.Tensor, layer: nn.Module) -> LSQQuantizer | None:
     """The layer's activation quantizer when the fused path gives exactly what the layer would
     compute: an enabled, initialised, unsigned LSQ quantizer (a ReLU output is never
     negative, so an undecided sign is decided by the layer's own first call), training with
-    gradients, and compiled kernels available for ``y``."""
+    gradients, and native loops or compiled kernels available for ``y``."""
     quantizer = getattr(layer, "a_quant", None)
     if not isinstance(quantizer, LSQQuantizer) or not quantizer.enabled:
         return None
@@ -73,6 +88,8 @@ def _fusable(y: torch.Tensor, layer: nn.Module) -> LSQQuantizer | None:
         return None
     if not torch.is_grad_enabled() or not (y.requires_grad or quantizer.step.requires_grad):
         return None
+    if native_lsq.usable(y):
+        return quantizer
     if y.numel() < fused.LSQ_MIN_NUMEL or not fused.relu_lsq_forward.usable(y):
         return None
     return quantizer

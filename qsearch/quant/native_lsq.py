@@ -1,0 +1,239 @@
+"""LSQ fake-quantization, and a ReLU fused with it, as native CPU loops.
+
+Why: on CPU the fused quantizers of :mod:`qsearch.quant.fused` are ``torch.compile``-d loops,
+and each call of a compiled graph costs 75-90 us of guards and dispatch before any work
+(measured: a 1,024-element call 80-92 us, against 5-8 us here). A ResNet-20 step makes about
+80 quantizer calls (forward and backward of every weight and activation quantizer), and the
+weights' quantizers ran eagerly, as five or six ATen passes each, because a compiled call cost
+more than their work. The loops below are also faster on large tensors than inductor's code
+(the backward reads each input once while it writes the input gradient and sums the step
+gradient); ``benchmarks/bench_trainer.py --lsq native|compiled`` times the whole step both
+ways.
+
+What they compute is exactly the reference in :mod:`qsearch.quant.fused` (``*_math``): the
+forward ``round(clamp(v * (1/s), lo, hi)) * s`` and the input gradients are bit-identical
+(built with ``-ffp-contract=off``, so no multiply-add is fused that torch does not fuse;
+``rintf`` rounds half to even like ``torch.round``; NaN propagates as through
+``torch.clamp``). The unscaled step gradient ``sum(grad * d)`` is the same sum in another
+order: each product in float32 as in torch, summed in double per vector lane.
+
+When: float32 tensors on CPU, with the library built (Linux x86-64 with a C compiler;
+:mod:`qsearch.quant.native`) and native kernels not switched off (``QSEARCH_COMPILE=0``, or
+:func:`set_enabled`). Each call runs on the calling thread; with several intra-op threads a
+large tensor is split into as many contiguous chunks, run on a small thread pool (ctypes
+releases the GIL), and their partial step-gradient sums are added in chunk order, so a result
+does not depend on which thread finished first. Everywhere else the callers use the compiled
+or eager paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from qsearch.quant import native
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <math.h>
+
+/* q = round(clamp(v * (1/s), lo, hi)) * s, optionally after a ReLU (r = relu(y) kept when
+   r is not NULL). Comparisons are written so that NaN passes through, as in torch.clamp. */
+static inline __attribute__((always_inline)) void forward(
+        const float* restrict y, float* restrict r, float* restrict q, int64_t n, float s,
+        float lo, float hi, const int relu, const int keep_r) {
+    const float inv = 1.0f / s;
+    #pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+        float v = y[i];
+        if (relu) v = v < 0.0f ? 0.0f : v;
+        if (keep_r) r[i] = v;
+        float t = v * inv;
+        t = t < lo ? lo : t;
+        t = t > hi ? hi : t;
+        q[i] = rintf(t) * s;
+    }
+}
+
+/* Returns sum(gq * d), d = round(v/s) - v/s inside the range and the clamped level outside
+   (the unscaled LSQ step gradient); writes the input gradient gy when asked: straight
+   through inside the range, then (ReLU) times the mask y > 0, plus gr where given. */
+static inline __attribute__((always_inline)) double backward(
+        const float* restrict gr, const float* restrict gq, const float* restrict y,
+        float* restrict gy, int64_t n, float s, float lo, float hi, const int relu,
+        const int has_gr, const int write_gy) {
+    const float inv = 1.0f / s;
+    double acc = 0.0;
+    #pragma omp simd reduction(+:acc)
+    for (int64_t i = 0; i < n; ++i) {
+        float g = gq[i], yi = y[i];
+        float v = relu ? (yi < 0.0f ? 0.0f : yi) : yi;
+        float vs = v * inv;
+        float c = vs < lo ? lo : vs;
+        c = c > hi ? hi : c;
+        float rq = rintf(c);
+        int inside = c == vs;
+        acc += (double)(g * (inside ? rq - vs : rq));
+        if (write_gy) {
+            float gv = inside ? g : 0.0f;
+            if (relu) {
+                float sum = has_gr ? gr[i] + gv : gv;
+                gy[i] = yi > 0.0f ? sum : 0.0f;
+            } else {
+                gy[i] = gv;
+            }
+        }
+    }
+    return acc;
+}
+
+void qs_lsq_forward(const float* v, float* q, int64_t n, float s, float lo, float hi) {
+    forward(v, 0, q, n, s, lo, hi, 0, 0);
+}
+void qs_relu_lsq_forward(const float* y, float* r, float* q, int64_t n, float s, float lo,
+                         float hi) {
+    forward(y, r, q, n, s, lo, hi, 1, 1);
+}
+void qs_relu_lsq_forward_q(const float* y, float* q, int64_t n, float s, float lo, float hi) {
+    forward(y, 0, q, n, s, lo, hi, 1, 0);
+}
+double qs_lsq_backward(const float* g, const float* v, float* gv, int64_t n, float s,
+                       float lo, float hi) {
+    return backward(0, g, v, gv, n, s, lo, hi, 0, 0, 1);
+}
+double qs_lsq_backward_s(const float* g, const float* v, int64_t n, float s, float lo,
+                         float hi) {
+    return backward(0, g, v, 0, n, s, lo, hi, 0, 0, 0);
+}
+double qs_relu_lsq_backward(const float* gr, const float* gq, const float* y, float* gy,
+                            int64_t n, float s, float lo, float hi) {
+    return backward(gr, gq, y, gy, n, s, lo, hi, 1, 1, 1);
+}
+double qs_relu_lsq_backward_q(const float* gq, const float* y, float* gy, int64_t n, float s,
+                              float lo, float hi) {
+    return backward(0, gq, y, gy, n, s, lo, hi, 1, 0, 1);
+}
+"""
+
+_P, _N, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+_LIB = native.NativeLibrary("lsq", _SOURCE, {
+    "qs_lsq_forward": (None, [_P, _P, _N, _F, _F, _F]),
+    "qs_relu_lsq_forward": (None, [_P, _P, _P, _N, _F, _F, _F]),
+    "qs_relu_lsq_forward_q": (None, [_P, _P, _N, _F, _F, _F]),
+    "qs_lsq_backward": (_D, [_P, _P, _P, _N, _F, _F, _F]),
+    "qs_lsq_backward_s": (_D, [_P, _P, _N, _F, _F, _F]),
+    "qs_relu_lsq_backward": (_D, [_P, _P, _P, _P, _N, _F, _F, _F]),
+    "qs_relu_lsq_backward_q": (_D, [_P, _P, _P, _N, _F, _F, _F]),
+})
+
+#: Below this many elements a call runs on one thread: handing chunks to the pool costs more
+#: than it saves (measured on 2 cores: a 2M-element ReLU+LSQ forward 1.16 ms split, 1.30 ms
+#: whole; at 512K elements the split was no faster).
+PARALLEL_MIN_NUMEL = 1 << 20
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def set_enabled(on: bool) -> None:
+    """Allow (the default) or forbid these kernels in this process (A/B timing, tests)."""
+    _LIB.enabled = on
+
+
+def status() -> str:
+    """``native`` when the kernels are loaded (building them on first call), else why not."""
+    return _LIB.status()
+
+
+def usable(t: torch.Tensor) -> bool:
+    """Whether the native loops serve ``t``: a plain float32 CPU tensor with real storage (not
+    a fake or functional tensor of a tracer or exporter, which the loops could not read and
+    which must record torch ops), library loaded."""
+    return (type(t) in _PLAIN and t.device.type == "cpu" and t.dtype == torch.float32
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and _LIB.load() is not None)
+
+
+def _chunks(n: int) -> list[tuple[int, int]]:
+    threads = torch.get_num_threads()
+    if threads <= 1 or n < PARALLEL_MIN_NUMEL:
+        return [(0, n)]
+    step = -(-n // threads)
+    step += -step % 16  # whole 64-byte lines per chunk
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _run(fn, tensors: list[torch.Tensor | None], n: int, *scalars: float) -> float:
+    """``fn`` over the flat float32 ``tensors`` (None: a NULL pointer), split into contiguous
+    chunks across the intra-op threads; returns the sum of the chunks' results in order."""
+    global _pool, _pool_size
+    ptrs = [0 if t is None else t.data_ptr() for t in tensors]
+    parts = _chunks(n)
+    if len(parts) == 1:
+        return fn(*ptrs, n, *scalars) or 0.0
+
+    def part(a: int, b: int) -> float:
+        return fn(*(p + 4 * a if p else None for p in ptrs), b - a, *scalars) or 0.0
+
+    if _pool is None or _pool_size < len(parts) - 1:
+        _pool_size = len(parts) - 1
+        _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="qsearch-lsq")
+    futures = [_pool.submit(part, a, b) for a, b in parts[1:]]
+    total = part(*parts[0])
+    for f in futures:
+        total += f.result()
+    return total
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def lsq_forward(v: torch.Tensor, s: float, lo: float, hi: float) -> torch.Tensor:
+    """``round(clamp(v / s, lo, hi)) * s`` of a flat float32 tensor."""
+    v = _flat(v)
+    q = torch.empty_like(v)
+    _run(_LIB.load().qs_lsq_forward, [v, q], v.numel(), s, lo, hi)
+    return q
+
+
+def lsq_backward(grad: torch.Tensor, v: torch.Tensor, s: float, lo: float, hi: float,
+                 need_v: bool = True) -> tuple[torch.Tensor | None, float]:
+    """(dL/dv or None, unscaled dL/ds) of LSQ over flat ``v`` given ``grad``."""
+    grad, v = _flat(grad), _flat(v)
+    lib = _LIB.load()
+    if not need_v:
+        return None, _run(lib.qs_lsq_backward_s, [grad, v], v.numel(), s, lo, hi)
+    gv = torch.empty_like(v)
+    return gv, _run(lib.qs_lsq_backward, [grad, v, gv], v.numel(), s, lo, hi)
+
+
+def relu_lsq_forward(y: torch.Tensor, s: float, lo: float, hi: float, need_r: bool
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(relu(y) or None, LSQ(relu(y)))`` of a flat float32 tensor."""
+    y = _flat(y)
+    q = torch.empty_like(y)
+    lib = _LIB.load()
+    if not need_r:
+        _run(lib.qs_relu_lsq_forward_q, [y, q], y.numel(), s, lo, hi)
+        return None, q
+    r = torch.empty_like(y)
+    _run(lib.qs_relu_lsq_forward, [y, r, q], y.numel(), s, lo, hi)
+    return r, q
+
+
+def relu_lsq_backward(grad_r: torch.Tensor | None, grad_q: torch.Tensor, y: torch.Tensor,
+                      s: float, lo: float, hi: float) -> tuple[torch.Tensor, float]:
+    """(dL/dy, unscaled dL/ds) of ``(relu(y), LSQ(relu(y)))``; ``grad_r`` None when only the
+    quantized output has a gradient."""
+    grad_q, y = _flat(grad_q), _flat(y)
+    gy = torch.empty_like(y)
+    lib = _LIB.load()
+    if grad_r is None:
+        return gy, _run(lib.qs_relu_lsq_backward_q, [grad_q, y, gy], y.numel(), s, lo, hi)
+    return gy, _run(lib.qs_relu_lsq_backward, [_flat(grad_r), grad_q, y, gy], y.numel(),
+                    s, lo, hi)
