@@ -83,22 +83,13 @@ def test_step_gradient_is_the_reference_sum(n):
         ref, rel=1e-4, abs=1e-3)
 
 
-def test_split_across_threads_gives_the_single_thread_result(threads, monkeypatch):
-    n = 3 * (1 << 20) + 5  # three chunks at 3 threads, with a ragged tail
-    y, g1, g2 = _inputs(n, 1)
-    y = y.nan_to_num()
+def test_several_threads_send_large_tensors_to_the_compiled_kernels(threads):
+    big, small = torch.zeros(native_lsq.PARALLEL_MIN_NUMEL), torch.zeros(1000)
     threads(1)
-    one = (native_lsq.relu_lsq_forward(y, 0.1, 0.0, 15, True),
-           native_lsq.relu_lsq_backward(g1, g2, y, 0.1, 0.0, 15))
-    threads(3)
-    assert len(native_lsq._chunks(n)) == 3
-    many = (native_lsq.relu_lsq_forward(y, 0.1, 0.0, 15, True),
-            native_lsq.relu_lsq_backward(g1, g2, y, 0.1, 0.0, 15))
-    assert _same_bits(one[0][0], many[0][0]) and _same_bits(one[0][1], many[0][1])
-    assert _same_bits(one[1][0], many[1][0])
-    assert many[1][1] == pytest.approx(one[1][1], rel=1e-5)
-    again = native_lsq.relu_lsq_backward(g1, g2, y, 0.1, 0.0, 15)[1]
-    assert again == many[1][1]  # chunks are added in order: the same sum every call
+    assert native_lsq.preferred(big, True) and native_lsq.preferred(small, True)
+    threads(2)
+    assert not native_lsq.preferred(big, True) and native_lsq.preferred(small, True)
+    assert native_lsq.preferred(big, False)  # no compiled kernel: the loop still serves
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -141,7 +132,7 @@ def test_inference_forward_takes_the_native_loop():
     assert _same_bits(got, fused.lsq_forward_math(v, s, lo, hi))
 
 
-def test_training_step_is_the_eager_step(monkeypatch):
+def test_training_step_is_the_eager_step(monkeypatch, threads):
     """A W4A4 ResNet-20 step on the native loops (weights and activations, fused ReLUs)
     gives the eager path's loss and gradients."""
     def step(native: bool):
@@ -157,7 +148,7 @@ def test_training_step_is_the_eager_step(monkeypatch):
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    native_lsq.set_enabled(True)
+    threads(1)  # with more, large tensors go to the compiled kernels
     for k in (fused.lsq_forward, fused.relu_lsq_forward):
         k.reset()
     loss_n, grads_n = step(True)

@@ -10,7 +10,8 @@ benchmarks/bench_trainer.py). The naive "grad_scale + round_pass" autograd formu
 about twice as many passes and sums the step gradient from two large, cancelling terms.
 
 On CPU the forward and the backward are each one native C loop
-(:mod:`qsearch.quant.native_lsq`) for every tensor, weights included. Elsewhere, where
+(:mod:`qsearch.quant.native_lsq`), weights included (with several threads, large tensors
+take the compiled kernels, which split them across the threads). Elsewhere, where
 ``torch.compile`` works (see :mod:`qsearch.quant.fused`), they are each one compiled loop for
 large tensors: the forward writes only the output, and the backward
 recomputes the mask and the step derivative from the saved input (which the preceding ReLU
@@ -135,13 +136,14 @@ class _LSQNativeFunction(torch.autograd.Function):
 def lsq_quantize(v: torch.Tensor, s: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
     """Functional LSQ fake quantization with the LSQ gradients: on the native CPU loops where
     they serve ``v``, else the compiled kernels (large tensors), else eagerly."""
+    # Small tensors (most weights) are not compiled: a compiled call costs more than their
+    # eager passes (and much more than a native loop).
+    use_fused = v.numel() >= fused.LSQ_MIN_NUMEL and fused.lsq_forward.usable(v)
     order = memory_order(v)
-    if s.device.type == "cpu" and order is not None and native_lsq.usable(v):
+    if s.device.type == "cpu" and order is not None and native_lsq.preferred(v, use_fused):
         if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):
             return _LSQNativeFunction.apply(v, s, qn, qp, g)
         return unflat(native_lsq.lsq_forward(flat(v, order), float(s), -qn, qp), v, order)
-    # Small tensors (most weights) stay eager: a compiled call costs more than their passes.
-    use_fused = v.numel() >= fused.LSQ_MIN_NUMEL and fused.lsq_forward.usable(v)
     if torch.is_grad_enabled() and (v.requires_grad or s.requires_grad):
         if use_fused:
             try:

@@ -7,8 +7,8 @@ and each call of a compiled graph costs 75-90 us of guards and dispatch before a
 weights' quantizers ran eagerly, as five or six ATen passes each, because a compiled call cost
 more than their work. The loops below are also faster on large tensors than inductor's code
 (the backward reads each input once while it writes the input gradient and sums the step
-gradient); ``benchmarks/bench_trainer.py --lsq native|compiled`` times the whole step both
-ways.
+gradient). ``benchmarks/bench_trainer.py`` times the whole step both ways (``qsearch-cl``
+and ``qsearch-cl-compiled``).
 
 What they compute is exactly the reference in :mod:`qsearch.quant.fused` (``*_math``): the
 forward ``round(clamp(v * (1/s), lo, hi)) * s`` and the input gradients are bit-identical
@@ -19,17 +19,16 @@ order: each product in float32 as in torch, summed in double per vector lane.
 
 When: float32 tensors on CPU, with the library built (Linux x86-64 with a C compiler;
 :mod:`qsearch.quant.native`) and native kernels not switched off (``QSEARCH_COMPILE=0``, or
-:func:`set_enabled`). Each call runs on the calling thread; with several intra-op threads a
-large tensor is split into as many contiguous chunks, run on a small thread pool (ctypes
-releases the GIL), and their partial step-gradient sums are added in chunk order, so a result
-does not depend on which thread finished first. Everywhere else the callers use the compiled
-or eager paths.
+:func:`set_enabled`). A loop runs on the calling thread, so with several intra-op threads a
+large tensor goes to the compiled kernels where they are usable (they split it across the
+threads), see :func:`preferred`. Splitting these loops across torch's OpenMP threads was
+tried and dropped: in a ResNet-20 step on 2 threads the split backward made the step slower
+(392-406 ms against 372 ms with the backward on one thread; measured 2026-12-06).
 """
 
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -128,15 +127,7 @@ _LIB = native.NativeLibrary("lsq", _SOURCE, {
     "qs_relu_lsq_backward_q": (_D, [_P, _P, _P, _N, _F, _F, _F]),
 })
 
-#: Below this many elements a call runs on one thread: handing chunks to the pool costs more
-#: than it saves (measured on 2 cores: a 2M-element ReLU+LSQ forward 1.16 ms split, 1.30 ms
-#: whole; at 512K elements the split was no faster).
-PARALLEL_MIN_NUMEL = 1 << 20
-
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 def set_enabled(on: bool) -> None:
@@ -158,35 +149,27 @@ def usable(t: torch.Tensor) -> bool:
             and _LIB.load() is not None)
 
 
-def _chunks(n: int) -> list[tuple[int, int]]:
-    threads = torch.get_num_threads()
-    if threads <= 1 or n < PARALLEL_MIN_NUMEL:
-        return [(0, n)]
-    step = -(-n // threads)
-    step += -step % 16  # whole 64-byte lines per chunk
-    return [(a, min(n, a + step)) for a in range(0, n, step)]
+#: With several intra-op threads, tensors from this many elements go to the compiled kernels
+#: (multi-threaded) when those are usable; smaller ones stay here, where a compiled call's
+#: fixed cost outweighs the second thread (131,072 elements on 2 threads: 41-64 us here,
+#: 112-151 us compiled).
+PARALLEL_MIN_NUMEL = 1 << 18
+
+
+def preferred(t: torch.Tensor, compiled_usable: bool) -> bool:
+    """Whether ``t`` should run on the native loops rather than on the compiled kernels
+    (``compiled_usable``: whether the caller could take those for ``t``)."""
+    if not usable(t):
+        return False
+    return (not compiled_usable or torch.get_num_threads() == 1
+            or t.numel() < PARALLEL_MIN_NUMEL)
 
 
 def _run(fn, tensors: list[torch.Tensor | None], n: int, *scalars: float) -> float:
-    """``fn`` over the flat float32 ``tensors`` (None: a NULL pointer), split into contiguous
-    chunks across the intra-op threads; returns the sum of the chunks' results in order."""
-    global _pool, _pool_size
-    ptrs = [0 if t is None else t.data_ptr() for t in tensors]
-    parts = _chunks(n)
-    if len(parts) == 1:
-        return fn(*ptrs, n, *scalars) or 0.0
-
-    def part(a: int, b: int) -> float:
-        return fn(*(p + 4 * a if p else None for p in ptrs), b - a, *scalars) or 0.0
-
-    if _pool is None or _pool_size < len(parts) - 1:
-        _pool_size = len(parts) - 1
-        _pool = ThreadPoolExecutor(_pool_size, thread_name_prefix="qsearch-lsq")
-    futures = [_pool.submit(part, a, b) for a, b in parts[1:]]
-    total = part(*parts[0])
-    for f in futures:
-        total += f.result()
-    return total
+    """``fn`` over the flat float32 ``tensors`` (None: a NULL pointer), on this thread;
+    returns the kernel's sum (0.0 for a forward)."""
+    ptrs = [None if t is None else t.data_ptr() for t in tensors]
+    return fn(*ptrs, n, *scalars) or 0.0
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ class _ReluLSQFunction(torch.autograd.Function):
         yf = flat(y, order)
         ctx.save_for_backward(y, s)
         ctx.native = None
-        if native_lsq.usable(y):
+        if native_lsq.preferred(y, _compiled_usable(y)):
             ctx.native = step = float(s)
             ctx.conf = (0.0, float(qp), g, order, need_r)
             r, q = native_lsq.relu_lsq_forward(yf, step, 0.0, float(qp), need_r)
@@ -88,11 +88,13 @@ def _fusable(y: torch.Tensor, layer: nn.Module) -> LSQQuantizer | None:
         return None
     if not torch.is_grad_enabled() or not (y.requires_grad or quantizer.step.requires_grad):
         return None
-    if native_lsq.usable(y):
+    if native_lsq.usable(y) or _compiled_usable(y):
         return quantizer
-    if y.numel() < fused.LSQ_MIN_NUMEL or not fused.relu_lsq_forward.usable(y):
-        return None
-    return quantizer
+    return None
+
+
+def _compiled_usable(y: torch.Tensor) -> bool:
+    return y.numel() >= fused.LSQ_MIN_NUMEL and fused.relu_lsq_forward.usable(y)
 
 
 def relu_quantize(y: torch.Tensor, layer: nn.Module, need_relu: bool = True

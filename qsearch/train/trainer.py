@@ -187,7 +187,7 @@ class Trainer:
                 for h in hooks:
                     loss = h.loss(ctx, x, y, logits, loss)
             if not torch.isfinite(loss):
-                raise TrialError(f"loss became {float(loss)} at {where}, step {ctx.step}")
+                raise TrialError(f"loss became {float(loss.detach())} at {where}, step {ctx.step}")
             opt.zero_grad(set_to_none=True)
             with self.costs.timed():
                 loss.backward()
