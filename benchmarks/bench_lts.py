@@ -18,7 +18,7 @@ untouched.
 
     python benchmarks/bench_lts.py [--batch 128] [--threads 2] [--reps 15] [--clock wall|cpu]
         [--layout nchw|channels-last] [--malloc tuned|default]
-        [--gather native|index_select] [--gather-only]
+        [--gather native|index_select] [--gather-only] [--lsq native|compiled]
 
 Measured (``OMP_NUM_THREADS=1 QSEARCH_NO_COMPILE=1 python benchmarks/bench_lts.py --threads 1
 --clock cpu``, shared 2-core AMD EPYC, four runs): dW alone saves 0.31-0.39 at 50% frozen and
@@ -54,7 +54,7 @@ from qsearch.cost import count_macs
 from qsearch.models import build_model
 from qsearch.quant import Precision, convert
 from qsearch.quant.flops import FlopMeter, FlopTotals
-from qsearch.quant import column_gather
+from qsearch.quant import column_gather, native_lsq
 from qsearch.quant.functional import _conv_weight_grad
 from qsearch.train.host_memory import keep_freed_memory
 
@@ -188,8 +188,12 @@ def main() -> None:
     ap.add_argument("--gather", choices=("native", "index_select"), default="native",
                     help="how dY channels are gathered: the native kernel where it applies "
                          "(what trials do) or index_select everywhere")
+    ap.add_argument("--lsq", choices=("native", "compiled"), default="native",
+                    help="LSQ quantizer kernels: the native CPU loops where they load (what "
+                         "trials do) or the compiled ones (qsearch.quant.native_lsq)")
     args = ap.parse_args()
     column_gather.set_enabled(args.gather == "native")
+    native_lsq.set_enabled(args.lsq == "native")
     malloc = keep_freed_memory() if args.malloc == "tuned" else "default"
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -216,7 +220,8 @@ def main() -> None:
     print(f"resnet20 W4A4 (first/last 8-bit), {args.layout}, batch {args.batch}, "
           f"{args.threads} CPU threads, "
           f"{args.reps} round-robin rounds, {args.clock} clock, malloc {malloc}, gather "
-          f"{args.gather if args.gather == 'index_select' else column_gather.status()}; "
+          f"{args.gather if args.gather == 'index_select' else column_gather.status()}, "
+          f"LSQ {'compiled' if args.lsq == 'compiled' else native_lsq.status()}; "
           f"measured times and "
           f"page faults per backward are medians, savings are medians of each "
           f"round's saving against the same round's 0% (range in brackets)")
