@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from qsearch.config import defaults
+from qsearch.quant import native_sr
 from qsearch.quant.memory_order import NHWC, is_channels_last
 
 ENV_DISABLE = defaults.NO_COMPILE_ENV
@@ -471,26 +472,37 @@ def draw_seeds(g: torch.Tensor, generator: torch.Generator | None = None) -> tor
 
 def sr_quantize(g: torch.Tensor, bits: int, keep: int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """Fused stochastic-rounding quantizer, or None when it is not available for ``g``."""
-    if not (sr_grid_kernel.usable(g) and sr_apply_kernel.usable(g)):
+    """Fused stochastic-rounding quantizer (the native CPU function of
+    :mod:`qsearch.quant.native_sr` where it serves ``g``, else the compiled kernels), or None
+    when neither is available for ``g``."""
+    compiled_ok = sr_grid_kernel.usable(g) and sr_apply_kernel.usable(g)
+    native_ok = native_sr.usable(g, compiled_ok)
+    if not (compiled_ok or native_ok):
         return None
     try:
-        key = (bits, g.device, g.dtype)
-        n = _LEVELS.get(key)
-        if n is None:
-            n = _LEVELS[key] = torch.tensor(float(2**bits - 1), device=g.device, dtype=g.dtype)
         if (keep is None or keep % 4 in (0, 1)) and is_channels_last(g):
             # A channels-last gradient is quantized in its own memory order (NHWC views, no
             # copy) and comes back channels-last, so the convolutions that consume it do not
             # reorder it. The hash noise follows the element order, so a draw differs from
             # the NCHW tensor's draw; both are unbiased and seeded alike.
             nhwc = g.permute(NHWC)
-            out = sr_quantize_fused(_as_3d_nhwc(nhwc, keep), draw_seeds(g, generator), n)
+            out = _sr_3d(_as_3d_nhwc(nhwc, keep), bits, g, generator, native_ok)
             return out.view(nhwc.shape).permute(0, 3, 1, 2)
-        out = sr_quantize_fused(as_3d(g, keep), draw_seeds(g, generator), n)
-        return out.view(g.shape)
+        return _sr_3d(as_3d(g, keep), bits, g, generator, native_ok).view(g.shape)
     except CompileFailed:
         return None
+
+
+def _sr_3d(g3: torch.Tensor, bits: int, g: torch.Tensor, generator: torch.Generator | None,
+           native_ok: bool) -> torch.Tensor:
+    seeds = draw_seeds(g, generator)
+    if native_ok and g3.is_contiguous():
+        return native_sr.sr_quantize(g3, seeds, bits)
+    key = (bits, g.device, g.dtype)
+    n = _LEVELS.get(key)
+    if n is None:
+        n = _LEVELS[key] = torch.tensor(float(2**bits - 1), device=g.device, dtype=g.dtype)
+    return sr_quantize_fused(g3, seeds, n)
 
 
 def _as_3d_nhwc(nhwc: torch.Tensor, keep: int | None) -> torch.Tensor:
