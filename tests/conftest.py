@@ -18,6 +18,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
+def one_thread():
+    """torch on one intra-op thread for the test (the native CPU kernels' own setting: with
+    more, large tensors go to the compiled kernels), restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config():
     """A fast digits/tiny-cnn TrialConfig factory: ``tiny_config(epochs=2, w_bits=2)``."""
     from qsearch.config import parse_trial_config

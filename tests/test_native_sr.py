@@ -17,14 +17,6 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CASES = [((6, 5, 3, 7), None), ((6, 5, 3, 7), 0), ((6, 5, 3, 7), 1), ((37, 6), -1),
          ((37, 6), 0), ((64, 16, 8, 8), None), ((64, 16, 8, 8), 1), ((3, 33, 5, 5), 0)]
 

@@ -10,11 +10,12 @@ reduction where a min/max or a step gradient is needed), and the SR noise is gen
 that loop from a counter-based hash (see :func:`hash_uniform`) instead of a full-size
 ``rand_like``.
 
-On CPU the native loops of :mod:`qsearch.quant.native_lsq` run LSQ and ReLU+LSQ instead
-where they can be built (cheaper to call, and faster); these compiled kernels serve CUDA, CPUs
-without them, and the gradient quantizer. What the kernels compute is specified by the
-plain-torch functions here (``*_math``), which are also what gets compiled and what the
-native loops are tested against; :mod:`qsearch.quant.lsq` and :mod:`qsearch.methods.gradq` keep
+On CPU the native loops of :mod:`qsearch.quant.native_lsq` (LSQ, ReLU+LSQ) and
+:mod:`qsearch.quant.native_sr` (the SR quantizer) run instead where they can be built: cheaper
+to call, and faster. These compiled kernels serve CUDA, CPUs without the native ones, and, with
+several intra-op threads, large tensors (the native loops run on one thread). What the kernels
+compute is specified by the plain-torch functions here (``*_math``), which are also what gets
+compiled and what the native loops are tested against; :mod:`qsearch.quant.lsq` and :mod:`qsearch.methods.gradq` keep
 their hand-fused eager implementations for when compilation is off. The compiled LSQ is
 bit-exact against the eager one in its forward and input gradient; the step gradient is the
 same dot product summed in another order (float32 round-off). The compiled SR uses other
