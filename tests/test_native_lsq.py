@@ -49,7 +49,8 @@ def test_forward_and_gradients_match_the_reference_bit_for_bit(n, qn, qp, step):
     s = torch.tensor([step])
     step = float(s)
     lo, hi = fused.bounds(qn, qp, s)
-    assert _same_bits(native_lsq.lsq_forward(y, step, -qn, qp), fused.lsq_forward_math(y, s, lo, hi))
+    assert _same_bits(native_lsq.lsq_forward(y, step, -qn, qp),
+                      fused.lsq_forward_math(y, s, lo, hi))
     gv, _ = native_lsq.lsq_backward(g1, y, step, -qn, qp)
     assert _same_bits(gv, fused.lsq_backward_math(g1, y, s, lo, hi)[0])
     if qn == 0:  # the ReLU-fused pair reads an unsigned quantizer

@@ -55,3 +55,16 @@ def test_the_quantizer_gives_the_compiled_kernels_result(keep, channels_last, on
         native_sr.set_enabled(True)
     assert _same_bits(native.contiguous(), compiled.contiguous())
     assert native.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_a_strided_gradient_is_quantized_in_its_logical_order(one_thread):
+    """A strided gradient (every other channel of a larger one, whose (A, C, B) view stays
+    strided) gets the values of its contiguous copy: the noise follows element indices, not
+    memory."""
+    g = (torch.randn(8, 32, 5) * 1e-2)[:, ::2, :]
+    assert not fused.as_3d(g, 1).is_contiguous()
+    for keep in (None, 1):
+        got = fused.sr_quantize(g, 4, keep, generator=torch.Generator().manual_seed(9))
+        ref = fused.sr_quantize(g.contiguous(), 4, keep,
+                                generator=torch.Generator().manual_seed(9))
+        assert _same_bits(got.contiguous(), ref)

@@ -15,8 +15,9 @@ On CPU the native loops of :mod:`qsearch.quant.native_lsq` (LSQ, ReLU+LSQ) and
 to call, and faster. These compiled kernels serve CUDA, CPUs without the native ones, and, with
 several intra-op threads, large tensors (the native loops run on one thread). What the kernels
 compute is specified by the plain-torch functions here (``*_math``), which are also what gets
-compiled and what the native loops are tested against; :mod:`qsearch.quant.lsq` and :mod:`qsearch.methods.gradq` keep
-their hand-fused eager implementations for when compilation is off. The compiled LSQ is
+compiled and what the native loops are tested against; :mod:`qsearch.quant.lsq` and
+:mod:`qsearch.methods.gradq` keep their hand-fused eager implementations for when compilation
+is off. The compiled LSQ is
 bit-exact against the eager one in its forward and input gradient; the step gradient is the
 same dot product summed in another order (float32 round-off). The compiled SR uses other
 random numbers than the eager one (hash noise instead of NumPy's), so a draw differs from an
@@ -497,8 +498,8 @@ def sr_quantize(g: torch.Tensor, bits: int, keep: int | None = None,
 def _sr_3d(g3: torch.Tensor, bits: int, g: torch.Tensor, generator: torch.Generator | None,
            native_ok: bool) -> torch.Tensor:
     seeds = draw_seeds(g, generator)
-    if native_ok and g3.is_contiguous():
-        return native_sr.sr_quantize(g3, seeds, bits)
+    if native_ok:  # the hash indexes elements of the logical (A, C, B) view: any layout
+        return native_sr.sr_quantize(g3.contiguous(), seeds, bits)
     key = (bits, g.device, g.dtype)
     n = _LEVELS.get(key)
     if n is None:
