@@ -172,13 +172,9 @@ def _run(fn, tensors: list[torch.Tensor | None], n: int, *scalars: float) -> flo
     return fn(*ptrs, n, *scalars) or 0.0
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def lsq_forward(v: torch.Tensor, s: float, lo: float, hi: float) -> torch.Tensor:
     """``round(clamp(v / s, lo, hi)) * s`` of a flat float32 tensor."""
-    v = _flat(v)
+    v = v.contiguous()
     q = torch.empty_like(v)
     _run(_LIB.load().qs_lsq_forward, [v, q], v.numel(), s, lo, hi)
     return q
@@ -187,7 +183,7 @@ def lsq_forward(v: torch.Tensor, s: float, lo: float, hi: float) -> torch.Tensor
 def lsq_backward(grad: torch.Tensor, v: torch.Tensor, s: float, lo: float, hi: float,
                  need_v: bool = True) -> tuple[torch.Tensor | None, float]:
     """(dL/dv or None, unscaled dL/ds) of LSQ over flat ``v`` given ``grad``."""
-    grad, v = _flat(grad), _flat(v)
+    grad, v = grad.contiguous(), v.contiguous()
     lib = _LIB.load()
     if not need_v:
         return None, _run(lib.qs_lsq_backward_s, [grad, v], v.numel(), s, lo, hi)
@@ -198,7 +194,7 @@ def lsq_backward(grad: torch.Tensor, v: torch.Tensor, s: float, lo: float, hi: f
 def relu_lsq_forward(y: torch.Tensor, s: float, lo: float, hi: float, need_r: bool
                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(relu(y) or None, LSQ(relu(y)))`` of a flat float32 tensor."""
-    y = _flat(y)
+    y = y.contiguous()
     q = torch.empty_like(y)
     lib = _LIB.load()
     if not need_r:
@@ -213,10 +209,10 @@ def relu_lsq_backward(grad_r: torch.Tensor | None, grad_q: torch.Tensor, y: torc
                       s: float, lo: float, hi: float) -> tuple[torch.Tensor, float]:
     """(dL/dy, unscaled dL/ds) of ``(relu(y), LSQ(relu(y)))``; ``grad_r`` None when only the
     quantized output has a gradient."""
-    grad_q, y = _flat(grad_q), _flat(y)
+    grad_q, y = grad_q.contiguous(), y.contiguous()
     gy = torch.empty_like(y)
     lib = _LIB.load()
     if grad_r is None:
         return gy, _run(lib.qs_relu_lsq_backward_q, [grad_q, y, gy], y.numel(), s, lo, hi)
-    return gy, _run(lib.qs_relu_lsq_backward, [_flat(grad_r), grad_q, y, gy], y.numel(),
-                    s, lo, hi)
+    return gy, _run(lib.qs_relu_lsq_backward, [grad_r.contiguous(), grad_q, y, gy],
+                    y.numel(), s, lo, hi)

@@ -69,8 +69,8 @@ static inline float apply(float g, float u, float inv, float s, float lo, float 
     return t * s;
 }
 
-/* g viewed as (A, C, B), one grid per c; work holds 6 * C floats. Returns 0. */
-int qs_sr_quantize(const float* restrict g, float* restrict out, int64_t A, int64_t C,
+/* g viewed as (A, C, B), one grid per c; work holds 6 * C floats. */
+void qs_sr_quantize(const float* restrict g, float* restrict out, int64_t A, int64_t C,
                    int64_t B, float n, int32_t key1, int32_t key2, float* restrict work) {
     float *lo = work, *hi = work + C, *inv = work + 2 * C, *sc = work + 3 * C,
           *qmin = work + 4 * C, *qmax = work + 5 * C;
@@ -124,13 +124,12 @@ int qs_sr_quantize(const float* restrict g, float* restrict out, int64_t A, int6
             }
         }
     }
-    return 0;
 }
 """
 
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 _LIB = native.NativeLibrary("sr", _SOURCE, {
-    "qs_sr_quantize": (ctypes.c_int, [_P, _P, _N, _N, _N, ctypes.c_float, ctypes.c_int32,
+    "qs_sr_quantize": (None, [_P, _P, _N, _N, _N, ctypes.c_float, ctypes.c_int32,
                                       ctypes.c_int32, _P]),
 })
 
